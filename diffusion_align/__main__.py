@@ -1,0 +1,3 @@
+from diffusion_align.cli import main
+
+raise SystemExit(main())
