@@ -1,0 +1,92 @@
+"""Backbone loading: a built-in name (`tiny-sd`, `tiny-sdxl`, bundled models), a local pipeline folder or a
+Hugging Face hub id. One module per model family; this file only resolves names and reports failures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from diffusion_align.backbones.stable_diffusion import PromptEmbeds, StableDiffusionBackbone
+from diffusion_align.errors import UserError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": StableDiffusionBackbone,
+    "StableDiffusionXLPipeline": StableDiffusionBackbone,
+    "LatentConsistencyModelPipeline": StableDiffusionBackbone,
+}
+
+__all__ = ["PromptEmbeds", "StableDiffusionBackbone", "load_backbone", "resolve_device", "DTYPES"]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _builtin_pipeline(name: str):
+    from diffusion_align.testing import TINY_PIPELINES
+
+    if name in TINY_PIPELINES:
+        return TINY_PIPELINES[name]()
+    try:
+        from diffusion_align.zoo import BUNDLED
+    except ImportError:
+        return None
+    if name in BUNDLED:
+        return _load_pipeline(str(BUNDLED[name]), torch.float32, None, None)
+    return None
+
+
+def _missing_model_message(pretrained: str, error: Exception) -> str:
+    local = Path(pretrained).expanduser().resolve()
+    hub_home = os.environ.get("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
+    offline = " (HF_HUB_OFFLINE=1 is set, so the hub was not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"could not load model '{pretrained}': no pipeline folder at {local} and not loadable from the "
+        f"Hugging Face hub or its cache under HF_HOME={hub_home}{offline} [{reason}]. Pass a local diffusers "
+        "folder (model.pretrained=/path/to/pipeline with model_index.json), download it first with "
+        "`huggingface-cli download ID`, or use a built-in model: tiny-sd, tiny-sdxl, shapes"
+    )
+
+
+def _load_pipeline(pretrained: str, dtype, revision, variant):
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(pretrained, revision=revision)
+    except (OSError, ValueError) as e:
+        raise UserError(_missing_model_message(pretrained, e)) from e
+    class_name = index.get("_class_name", "?")
+    if class_name not in SUPPORTED_PIPELINES:
+        raise UserError(
+            f"model '{pretrained}' is a {class_name}; supported pipelines: {', '.join(SUPPORTED_PIPELINES)}"
+        )
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            pretrained, torch_dtype=dtype, revision=revision, variant=variant, **extra
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(_missing_model_message(pretrained, e)) from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_backbone(
+    pretrained: str,
+    dtype: str = "float32",
+    device: str = "auto",
+    revision: str | None = None,
+    variant: str | None = None,
+) -> StableDiffusionBackbone:
+    """Load a backbone by built-in name, local folder or hub id, cast to `dtype`, on `device`."""
+    if dtype not in DTYPES:
+        raise UserError(f"model.dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    pipe = _builtin_pipeline(pretrained) or _load_pipeline(pretrained, DTYPES[dtype], revision, variant)
+    backbone = SUPPORTED_PIPELINES.get(type(pipe).__name__, StableDiffusionBackbone)(pipe)
+    return backbone.to(device=resolve_device(device), dtype=DTYPES[dtype])

@@ -1,0 +1,186 @@
+"""Stable Diffusion 1.x / 2.x and SDXL as a backbone: behaviour built from a pipeline's public parts.
+
+We use the pipeline's components and its public `encode_prompt`; we never call or copy `__call__`, so the
+one denoising loop (rollout.py) owns sampling and diffusers upgrades cannot silently change it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for B prompts.
+
+    cond: (B, L, D) text hidden states; uncond: same shape for the negative prompt (None without guidance).
+    SDXL only: pooled/uncond_pooled (B, P) pooled text embeds and time_ids (B, 6) micro-conditioning.
+    """
+
+    cond: Tensor
+    uncond: Tensor | None = None
+    pooled: Tensor | None = None
+    uncond_pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+
+    def _map(self, fn) -> PromptEmbeds:
+        return PromptEmbeds(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)})
+
+    def __getitem__(self, index) -> PromptEmbeds:
+        """Rows `index` (int tensor, slice or list) of every field."""
+        return self._map(lambda v: v[index])
+
+    def repeat_interleave(self, n: int) -> PromptEmbeds:
+        return self._map(lambda v: v.repeat_interleave(n, dim=0))
+
+    def to(self, *args, **kwargs) -> PromptEmbeds:
+        return self._map(lambda v: v.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
+        first = items[0]
+        return PromptEmbeds(
+            **{
+                f.name: None if getattr(first, f.name) is None else torch.cat([getattr(e, f.name) for e in items])
+                for f in fields(first)
+            }
+        )
+
+
+class StableDiffusionBackbone:
+    """encode_prompts / predict / decode / encode / initial_noise over a diffusers SD or SDXL pipeline."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.scheduler = pipe.scheduler
+        self.is_xl = getattr(pipe, "text_encoder_2", None) is not None
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        names = ("unet", "vae", "text_encoder", "text_encoder_2")
+        return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def default_size(self) -> tuple[int, int]:
+        side = self.unet.config.sample_size * self.vae_scale_factor
+        return side, side
+
+    def to(self, device=None, dtype=None) -> StableDiffusionBackbone:
+        self.pipe.to(device=device, dtype=dtype)
+        return self
+
+    # --- text ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: list[str], negative_prompt: str | None = None, guidance: bool = True, size=None
+    ) -> PromptEmbeds:
+        """Embed B prompts (and the negative prompt, repeated, when `guidance`). Frozen text encoders."""
+        n = len(prompts)
+        negative = None if negative_prompt is None else [negative_prompt] * n
+        if not self.is_xl:
+            cond, uncond = self.pipe.encode_prompt(
+                prompts, self.device, 1, guidance, negative_prompt=negative
+            )
+            return PromptEmbeds(cond=cond, uncond=uncond)
+        cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
+            prompts, device=self.device, do_classifier_free_guidance=guidance, negative_prompt=negative
+        )
+        height, width = size or self.default_size()
+        # SDXL micro-conditioning: original size, crop top-left, target size (no crop, no resize).
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.dtype, device=self.device)
+        return PromptEmbeds(cond, uncond, pooled, uncond_pooled, time_ids.repeat(n, 1))
+
+    # --- denoiser -----------------------------------------------------------------------------------
+    def predict(self, x_t: Tensor, t: Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:
+        """Model output (epsilon, v or x0, per the scheduler config) for x_t (B, C, h, w) at timestep t,
+        with classifier-free guidance when guidance_scale > 1 and negative embeddings exist."""
+        cfg = guidance_scale > 1.0 and embeds.uncond is not None
+        x_in = torch.cat([x_t, x_t]) if cfg else x_t
+        hidden = torch.cat([embeds.uncond, embeds.cond]) if cfg else embeds.cond
+        added = None
+        if self.is_xl:
+            pooled = torch.cat([embeds.uncond_pooled, embeds.pooled]) if cfg else embeds.pooled
+            time_ids = torch.cat([embeds.time_ids, embeds.time_ids]) if cfg else embeds.time_ids
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+        out = self.unet(
+            x_in.to(self.dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False
+        )[0]
+        if not cfg:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    # --- pixels <-> latents -------------------------------------------------------------------------
+    def _latent_stats(self, latents: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return 0.0, 1.0
+        shape = (1, -1, 1, 1)
+        return torch.tensor(mean).view(shape).to(latents), torch.tensor(std).view(shape).to(latents)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]. Differentiable (the clamp is as in diffusers)."""
+        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        vae_dtype = torch.float32 if upcast else self.vae.dtype
+        mean, std = self._latent_stats(latents)
+        z = latents * std / self.vae.config.scaling_factor + mean
+        if upcast:  # SDXL's VAE overflows in fp16: decode a float32 copy instead of converting in place
+            image = self.vae.float().decode(z.to(vae_dtype), return_dict=False)[0]
+            self.vae.to(torch.float16)
+        else:
+            image = self.vae.decode(z.to(vae_dtype), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> scaled latents (B, C, h, w), sampled from the VAE posterior."""
+        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        mean, std = self._latent_stats(dist.mean)
+        return (dist.sample(generator) - mean) * self.vae.config.scaling_factor / std
+
+    def initial_noise(
+        self, batch_size: int, generator=None, size: tuple[int, int] | None = None
+    ) -> Tensor:
+        """x_T ~ N(0, I) of shape (B, C, H/f, W/f), drawn exactly as the diffusers pipelines draw it, so the
+        same generator gives the same image as `pipe(...)`. `generator` may be a list (one per sample)."""
+        height, width = size or self.default_size()
+        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        return noise * self.scheduler.init_noise_sigma
+
+    # --- memory -------------------------------------------------------------------------------------
+    def enable_memory_options(
+        self, gradient_checkpointing=False, vae_slicing=False, vae_tiling=False, attention="sdpa"
+    ) -> None:
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if vae_slicing:
+            self.vae.enable_slicing()
+        if vae_tiling:
+            self.vae.enable_tiling()
+        if attention == "xformers":
+            from diffusion_align.errors import UserError
+
+            try:
+                import xformers  # noqa: F401
+            except ImportError as e:
+                raise UserError(
+                    "model.attention=xformers but xformers is not installed: "
+                    "pip install 'diffusion-align[xformers]' or use model.attention=sdpa"
+                ) from e
+            self.unet.enable_xformers_memory_efficient_attention()
