@@ -1,0 +1,193 @@
+"""Load image and video files as float tensors for scoring.
+
+Every loader returns pixels in [0, 1], float32, RGB, channels first:
+an image is `(3, H, W)`, a video `(T, 3, H, W)`.
+
+Conversions: grayscale (L, I;16) is repeated to 3 channels (16-bit is scaled by 1/65535); images with
+alpha (RGBA, LA, P with transparency) are composited over white, which is how viewers show them; EXIF
+orientation is applied. GIFs with one frame are images, with more frames videos. Videos (mp4, mov, webm,
+mkv, avi) are decoded with imageio-ffmpeg; with `max_frames` set, longer videos keep `max_frames` frames
+evenly spaced over the whole clip.
+
+`load_many` never raises on a bad file: it returns the good ones and one `LoadFailure` per bad path, so a
+scoring run can finish the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".webm", ".mkv", ".avi", ".gif"})
+MEDIA_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+_FFMPEG_EXTENSIONS = VIDEO_EXTENSIONS - {".gif"}
+
+
+class UnreadableMedia(Exception):
+    """A file that is missing, empty, corrupt or in an unsupported format. The message is one line."""
+
+
+@dataclass
+class Media:
+    """A loaded file: `pixels` is `(3, H, W)` for an image or `(T, 3, H, W)` for a video, in [0, 1]."""
+
+    path: Path
+    pixels: torch.Tensor
+
+    @property
+    def is_video(self) -> bool:
+        return self.pixels.dim() == 4
+
+
+@dataclass
+class LoadFailure:
+    path: Path
+    reason: str
+
+
+def find_media(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[LoadFailure]]:
+    """Expand files and folders into a list of files, in the order given.
+
+    Folders are searched recursively for files with a known image/video extension (sorted, hidden files
+    and folders skipped). A file named explicitly is kept whatever its extension, so that a bad one is
+    reported rather than silently dropped. Paths that do not exist come back as failures.
+    """
+    files: list[Path] = []
+    failures: list[LoadFailure] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in MEDIA_EXTENSIONS
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+        elif path.exists():
+            found = [path]
+        else:
+            failures.append(LoadFailure(path, "no such file or directory"))
+            continue
+        for p in found:
+            if p.resolve() not in seen:
+                seen.add(p.resolve())
+                files.append(p)
+    return files, failures
+
+
+def _to_rgb_array(img) -> np.ndarray:
+    """A PIL image in any common mode -> `(H, W, 3)` float32 in [0, 1]."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: PIL's convert("RGB") would clip at 255, so scale ourselves.
+        gray = np.clip(np.asarray(img, dtype=np.float32) / 65535.0, 0.0, 1.0)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "F":
+        raise UnreadableMedia("floating-point images are not supported (their value range is unknown)")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _hwc_to_chw(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+
+def _even_indices(n: int, max_frames: int | None) -> list[int]:
+    if max_frames is None or n <= max_frames:
+        return list(range(n))
+    return np.linspace(0, n - 1, max_frames).round().astype(int).tolist()
+
+
+def _load_pil(path: Path, max_frames: int | None) -> torch.Tensor:
+    from PIL import Image, ImageOps, ImageSequence
+
+    with Image.open(path) as img:
+        n_frames = getattr(img, "n_frames", 1)
+        if n_frames > 1 and path.suffix.lower() == ".gif":
+            frames = list(ImageSequence.Iterator(img))
+            keep = _even_indices(len(frames), max_frames)
+            return torch.stack([_hwc_to_chw(_to_rgb_array(frames[i])) for i in keep])
+        img.load()  # decode now: truncated files fail here, inside the caller's error handling
+        return _hwc_to_chw(_to_rgb_array(ImageOps.exif_transpose(img)))
+
+
+def _load_ffmpeg(path: Path, max_frames: int | None) -> torch.Tensor:
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(path, format="ffmpeg")
+    try:
+        n = reader.count_frames()
+        if n == 0:
+            raise UnreadableMedia("video has no frames")
+        wanted = set(_even_indices(n, max_frames))
+        frames = [frame for i, frame in enumerate(reader) if i in wanted]
+    finally:
+        reader.close()
+    if not frames:
+        raise UnreadableMedia("video has no decodable frames")
+    return torch.stack([_hwc_to_chw(f.astype(np.float32) / 255.0) for f in frames])
+
+
+def load_media(path: str | os.PathLike, max_frames: int | None = None) -> torch.Tensor:
+    """Load one file: `(3, H, W)` for an image, `(T, 3, H, W)` for a video, float32 in [0, 1].
+
+    Raises `UnreadableMedia` with a one-line reason for a missing, empty, corrupt or unsupported file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableMedia("no such file")
+    if path.stat().st_size == 0:
+        raise UnreadableMedia("empty file")
+    try:
+        if path.suffix.lower() in _FFMPEG_EXTENSIONS:
+            return _load_ffmpeg(path, max_frames)
+        return _load_pil(path, max_frames)
+    except UnreadableMedia:
+        raise
+    except Exception as e:  # PIL and ffmpeg raise many types for bad data; report them all the same way
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UnreadableMedia(f"cannot decode ({type(e).__name__}: {first_line})") from e
+
+
+def load_many(
+    paths: Sequence[str | os.PathLike], max_frames: int | None = None
+) -> tuple[list[Media], list[LoadFailure]]:
+    """Load each path; bad files become `LoadFailure`s instead of exceptions. Order is preserved."""
+    loaded: list[Media] = []
+    failures: list[LoadFailure] = []
+    for p in paths:
+        try:
+            loaded.append(Media(Path(p), load_media(p, max_frames)))
+        except UnreadableMedia as e:
+            failures.append(LoadFailure(Path(p), str(e)))
+    return loaded, failures
+
+
+def group_by_shape(items: Sequence[Media], batch_size: int) -> list[list[int]]:
+    """Indices of `items` grouped into batches of identical pixel shape, at most `batch_size` each.
+
+    Grouping (rather than resizing to a common size) keeps every file's pixels exactly as stored, which
+    matters for size-sensitive rewards such as JPEG compressibility.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(tuple(item.pixels.shape), []).append(i)
+    batches = []
+    for indices in groups.values():
+        batches += [indices[k : k + batch_size] for k in range(0, len(indices), batch_size)]
+    return batches
