@@ -1,0 +1,115 @@
+"""The policy: a backbone's denoiser with a LoRA adapter, scored as DDIM-eta Gaussian transitions.
+
+LoRA goes in through diffusers' `add_adapter(LoraConfig)`, so what we save is the diffusers LoRA format and
+loads in plain diffusers with `pipe.load_lora_weights(dir)`. The frozen base model is the reference policy:
+`reference()` disables the adapter instead of keeping a second copy of the UNet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import Tensor
+
+from diffusion_align.errors import UserError
+from diffusion_align.samplers import gaussian_log_prob
+
+# Attention projections, as in the diffusers LoRA training scripts and DDPO.
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+ADAPTER = "default"
+
+
+class Policy:
+    def __init__(
+        self,
+        backbone,
+        sampler,
+        rank: int = 4,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        target_modules: tuple[str, ...] | list[str] = DEFAULT_TARGET_MODULES,
+    ):
+        self.backbone, self.sampler = backbone, sampler
+        self.lora_config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha if alpha is not None else rank,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",  # B = 0: the policy starts exactly at the base model
+            target_modules=list(target_modules),
+        )
+        backbone.unet.add_adapter(self.lora_config, adapter_name=ADAPTER)
+        for p in self.parameters():  # fp32 master weights even when the base model is fp16/bf16
+            p.data = p.data.float()
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.backbone.unet.parameters() if p.requires_grad]
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return ((n, p) for n, p in self.backbone.unet.named_parameters() if p.requires_grad)
+
+    def transition(self, x_t: Tensor, t: Tensor, embeds, guidance_scale: float, num_steps: int):
+        """(mean, std) of p_theta(x_prev | x_t); t is a timestep or (B,) timesteps."""
+        t_in = t.to(x_t.device)
+        if t_in.ndim == 1 and guidance_scale > 1.0 and embeds.uncond is not None:
+            t_in = torch.cat([t_in, t_in])  # the CFG batch is [uncond, cond]
+        out = self.backbone.predict(x_t, t_in, embeds, guidance_scale)
+        return self.sampler.transition(out, t, x_t, num_steps)
+
+    def log_prob(
+        self, x_t: Tensor, x_prev: Tensor, t: Tensor, embeds, guidance_scale: float, num_steps: int
+    ) -> Tensor:
+        """log p_theta(x_prev | x_t) per sample, (B,) float32, differentiable in the LoRA weights."""
+        mean, std = self.transition(x_t, t, embeds, guidance_scale, num_steps)
+        return gaussian_log_prob(x_prev, mean, std)
+
+    @contextmanager
+    def reference(self):
+        """Run the frozen base model (adapter disabled) inside the block."""
+        unet = self.backbone.unet
+        unet.disable_adapters()
+        try:
+            yield
+        finally:
+            unet.enable_adapters()
+
+    # --- diffusers LoRA format ----------------------------------------------------------------------
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        state = get_peft_model_state_dict(self.backbone.unet, adapter_name=ADAPTER)
+        return convert_state_dict_to_diffusers(state)
+
+    def save_lora(self, directory: str | Path, is_main_process: bool = True) -> Path:
+        """Write `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(directory)`)."""
+        directory = Path(directory)
+        type(self.backbone.pipe).save_lora_weights(
+            directory,
+            unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict().items()},
+            is_main_process=is_main_process,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=self.lora_config.to_dict(),
+        )
+        return directory
+
+    def load_lora(self, directory: str | Path) -> None:
+        """Load weights saved by `save_lora` into this policy's adapter (used for resume and evaluation)."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        directory = Path(directory)
+        if not (directory / "pytorch_lora_weights.safetensors").is_file():
+            raise UserError(f"no LoRA at {directory}: expected {directory / 'pytorch_lora_weights.safetensors'}")
+        state, _ = type(self.backbone.pipe).lora_state_dict(str(directory))
+        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(
+            self.backbone.unet, convert_unet_state_dict_to_peft(state), adapter_name=ADAPTER
+        )
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise UserError(f"LoRA at {directory} does not fit this model: unexpected keys such as {unexpected[0]}")
+        for p in self.parameters():
+            p.data = p.data.float()
