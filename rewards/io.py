@@ -119,9 +119,10 @@ def _load_pil(path: Path, max_frames: int | None) -> torch.Tensor:
     with Image.open(path) as img:
         n_frames = getattr(img, "n_frames", 1)
         if n_frames > 1 and path.suffix.lower() == ".gif":
-            frames = list(ImageSequence.Iterator(img))
-            keep = _even_indices(len(frames), max_frames)
-            return torch.stack([_hwc_to_chw(_to_rgb_array(frames[i])) for i in keep])
+            # The iterator re-seeks one image object: convert each kept frame before moving on.
+            keep = set(_even_indices(n_frames, max_frames))
+            frames = [_to_rgb_array(f) for i, f in enumerate(ImageSequence.Iterator(img)) if i in keep]
+            return torch.stack([_hwc_to_chw(f) for f in frames])
         img.load()  # decode now: truncated files fail here, inside the caller's error handling
         return _hwc_to_chw(_to_rgb_array(ImageOps.exif_transpose(img)))
 

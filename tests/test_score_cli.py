@@ -1,0 +1,132 @@
+"""`rewards.io` loading and the `diffusion-align score` command, end to end on real files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rewards.io import UnreadableMedia, find_media, group_by_shape, load_many, load_media
+
+
+def _rgb(h: int = 24, w: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _write_frames(path: Path, frames: np.ndarray) -> Path:
+    import imageio.v2 as imageio
+
+    if path.suffix == ".gif":
+        imageio.mimwrite(path, list(frames), duration=0.1, loop=0)
+    else:
+        imageio.mimwrite(path, list(frames), fps=8, macro_block_size=16)
+    return path
+
+
+@pytest.fixture()
+def mixed_folder(tmp_path) -> Path:
+    """Good RGB, grayscale and RGBA PNGs, plus a corrupt and an empty file with image extensions."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(_rgb(seed=1)).save(d / "a_rgb.png")
+    Image.fromarray(_rgb(seed=2)[:, :, 0], "L").save(d / "b_gray.png")
+    rgba = np.concatenate([_rgb(seed=3), np.full((24, 32, 1), 255, np.uint8)], axis=2)
+    rgba[:12, :, 3] = 0  # top half fully transparent
+    Image.fromarray(rgba, "RGBA").save(d / "c_rgba.png")
+    (d / "d_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    (d / "e_empty.jpg").write_bytes(b"")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------
+# rewards.io
+
+
+def test_find_media_expands_folders_and_reports_missing(tmp_path, mixed_folder):
+    (mixed_folder / "a_rgb.txt").write_text("a prompt")  # sidecar: not media
+    hidden = mixed_folder / ".cache"
+    hidden.mkdir()
+    Image.fromarray(_rgb()).save(hidden / "x.png")
+    sub = mixed_folder / "sub"
+    sub.mkdir()
+    Image.fromarray(_rgb()).save(sub / "z.webp")
+    explicit = tmp_path / "notes.dat"
+    explicit.write_text("x")
+    files, failures = find_media(
+        [mixed_folder, explicit, tmp_path / "missing.png", mixed_folder / "a_rgb.png"]
+    )
+    names = [f.name for f in files]
+    assert names == [
+        "a_rgb.png",
+        "b_gray.png",
+        "c_rgba.png",
+        "d_corrupt.png",
+        "e_empty.jpg",
+        "z.webp",
+        "notes.dat",
+    ]
+    assert [f.path.name for f in failures] == ["missing.png"]
+
+
+def test_load_converts_modes_to_rgb(mixed_folder):
+    gray = load_media(mixed_folder / "b_gray.png")
+    assert gray.shape == (3, 24, 32) and gray.dtype == torch.float32
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    expected = torch.from_numpy(_rgb(seed=2)[:, :, 0]).float() / 255
+    torch.testing.assert_close(gray[0], expected)
+    rgba = load_media(mixed_folder / "c_rgba.png")
+    assert rgba.shape == (3, 24, 32)
+    assert torch.equal(rgba[:, :12], torch.ones(3, 12, 32))  # transparent -> white
+    torch.testing.assert_close(
+        rgba[:, 12:], torch.from_numpy(_rgb(seed=3)[12:]).permute(2, 0, 1).float() / 255
+    )
+    rgb = load_media(mixed_folder / "a_rgb.png")
+    assert 0 <= rgb.min() and rgb.max() <= 1
+
+
+def test_load_16bit_grayscale_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 1000], [32768, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    x = load_media(tmp_path / "g16.png")
+    torch.testing.assert_close(x[0], torch.from_numpy(values.astype(np.float32) / 65535))
+
+
+def test_bad_files_are_reported_not_raised(mixed_folder, tmp_path):
+    with pytest.raises(UnreadableMedia, match="empty"):
+        load_media(mixed_folder / "e_empty.jpg")
+    with pytest.raises(UnreadableMedia, match="cannot decode"):
+        load_media(mixed_folder / "d_corrupt.png")
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 50)
+    files, _ = find_media([mixed_folder, tmp_path / "bad.mp4"])
+    good, bad = load_many(files)
+    assert [m.path.name for m in good] == ["a_rgb.png", "b_gray.png", "c_rgba.png"]
+    assert {f.path.name for f in bad} == {"d_corrupt.png", "e_empty.jpg", "bad.mp4"}
+    assert all("\n" not in f.reason for f in bad)
+
+
+def test_videos_load_as_frame_stacks(tmp_path):
+    frames = np.stack([np.full((32, 48, 3), 20 * t, np.uint8) for t in range(6)])
+    gif = load_media(_write_frames(tmp_path / "v.gif", frames))
+    assert gif.shape == (6, 3, 32, 48)
+    torch.testing.assert_close(gif[:, 0, 0, 0], torch.arange(6).float() * 20 / 255, atol=2 / 255, rtol=0)
+    mp4 = load_media(_write_frames(tmp_path / "v.mp4", frames))
+    assert mp4.shape == (6, 3, 32, 48)
+    # h264 is lossy: flat frames come back within a few levels
+    torch.testing.assert_close(mp4.mean((1, 2, 3)), torch.arange(6).float() * 20 / 255, atol=4 / 255, rtol=0)
+    capped = load_media(tmp_path / "v.mp4", max_frames=3)  # frames 0, 2-3, 5: evenly spaced, ends kept
+    assert capped.shape[0] == 3
+    torch.testing.assert_close(capped[[0, -1]], mp4[[0, -1]])
+    single = _write_frames(tmp_path / "one.gif", frames[:1])
+    assert load_media(single).shape == (3, 32, 48)  # a one-frame gif is an image
+
+
+def test_group_by_shape_batches_identical_shapes_only(tmp_path):
+    from rewards.io import Media
+
+    items = [Media(Path(str(i)), torch.zeros(3, h, 8)) for i, h in enumerate([8, 16, 8, 8, 16])]
+    batches = group_by_shape(items, batch_size=2)
+    assert sorted(map(sorted, batches)) == [[0, 2], [1, 4], [3]]
+    assert all(len({items[i].pixels.shape for i in b}) == 1 for b in batches)
