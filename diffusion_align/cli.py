@@ -15,6 +15,7 @@ from diffusion_align.errors import UserError
 COMMANDS = {
     "sample": "sample",
     "train-artifact-head": "train_artifact_head",
+    "score": "score",
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +132,161 @@ def test_group_by_shape_batches_identical_shapes_only(tmp_path):
     batches = group_by_shape(items, batch_size=2)
     assert sorted(map(sorted, batches)) == [[0, 2], [1, 4], [3]]
     assert all(len({items[i].pixels.shape for i in b}) == 1 for b in batches)
+
+
+# ---------------------------------------------------------------------------------------------------
+# diffusion-align score
+
+
+def score(argv: list[str], capsys) -> tuple[int, str, str]:
+    from diffusion_align.cli import main
+
+    rc = main(["score", *argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def direct_scores(
+    reward_name: str, paths: list[Path], prompts: list[str] | None = None, **kwargs
+) -> list[float]:
+    """The same reward called directly on each file's loaded pixels, one at a time."""
+    import rewards
+
+    reward = rewards.build(reward_name, **kwargs)
+    prompts = prompts or [""] * len(paths)
+    with torch.no_grad():
+        return [float(reward(load_media(p)[None], [t])[0]) for p, t in zip(paths, prompts, strict=True)]
+
+
+def test_score_folder_with_bad_files(tmp_path, mixed_folder, capsys):
+    out = tmp_path / "scores.jsonl"
+    rc, stdout, err = score([str(mixed_folder), "--reward", "jpeg_compressibility", "-o", str(out)], capsys)
+    assert rc == 1
+    rows = read_rows(out)
+    good = [mixed_folder / n for n in ("a_rgb.png", "b_gray.png", "c_rgba.png")]
+    assert [r["path"] for r in rows] == [str(p) for p in good]
+    assert all(
+        r["type"] == "image" and set(r) == {"path", "type", "prompt", "jpeg_compressibility", "total"}
+        for r in rows
+    )
+    expected = direct_scores("jpeg_compressibility", good)
+    assert [r["jpeg_compressibility"] for r in rows] == pytest.approx(expected, rel=1e-6)
+    assert [r["total"] for r in rows] == pytest.approx(expected, rel=1e-6)
+    assert str(mixed_folder / "d_corrupt.png") in err and str(mixed_folder / "e_empty.jpg") in err
+    assert "2 of 5 file(s) failed" in err
+    assert "jpeg_compressibility" in stdout and "mean" in stdout  # summary table
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_score_csv_and_weights(tmp_path, mixed_folder, capsys):
+    out = tmp_path / "scores.csv"
+    argv = [
+        str(mixed_folder / "a_rgb.png"),
+        str(mixed_folder / "c_rgba.png"),
+        "--reward",
+        "jpeg_compressibility=2",
+    ]
+    rc, _, err = score([*argv, "-o", str(out), "--batch-size", "1"], capsys)
+    assert rc == 0, err
+    rows = read_rows(out)
+    assert list(rows[0]) == ["path", "type", "prompt", "jpeg_compressibility", "total"]
+    for row in rows:
+        assert float(row["total"]) == pytest.approx(2 * float(row["jpeg_compressibility"]), rel=1e-6)
+
+
+def test_score_stdout_jsonl_and_prompt_order(tmp_path, capsys):
+    d = tmp_path / "p"
+    d.mkdir()
+    for name in ("listed", "sidecar", "default"):
+        Image.fromarray(_rgb(seed=len(name))).save(d / f"{name}.png")
+    (d / "sidecar.txt").write_text("from the sidecar\n")
+    (d / "listed.txt").write_text("sidecar loses to --prompts")
+    (tmp_path / "prompts.tsv").write_text("listed.png\tfrom the prompts file\n")
+    argv = [str(d), "--reward", "jpeg_compressibility", "--prompts", str(tmp_path / "prompts.tsv")]
+    rc, stdout, err = score([*argv, "--prompt", "the default"], capsys)
+    assert rc == 0, err
+    rows = {Path(r["path"]).stem: r["prompt"] for r in map(json.loads, stdout.splitlines())}
+    assert rows == {
+        "default": "the default",
+        "listed": "from the prompts file",
+        "sidecar": "from the sidecar",
+    }
+    assert "mean" in err  # without -o the summary goes to stderr, keeping stdout pure JSONL
+
+
+def test_score_videos_per_frame(tmp_path, capsys):
+    import rewards
+
+    d = tmp_path / "v"
+    d.mkdir()
+    frames = np.stack([_rgb(32, 48, seed=t) for t in range(5)])
+    _write_frames(d / "clip.gif", frames)
+    _write_frames(d / "clip2.mp4", frames)
+    Image.fromarray(_rgb(seed=9)).save(d / "still.png")
+    out = tmp_path / "s.jsonl"
+    rc, _, err = score(
+        [str(d), "--reward", "jpeg_compressibility", "--frames", "fml", "-o", str(out)], capsys
+    )
+    assert rc == 0, err
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    assert rows["clip.gif"]["type"] == "video" and rows["clip2.mp4"]["type"] == "video"
+    assert rows["still.png"]["type"] == "image"
+    lifted = rewards.per_frame(rewards.build("jpeg_compressibility"), "fml", k=None, generator=None)
+    for name in ("clip.gif", "clip2.mp4"):
+        with torch.no_grad():
+            expected = float(lifted(load_media(d / name)[None], [""])[0])
+        assert rows[name]["jpeg_compressibility"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_score_clip_from_local_checkpoint(tmp_path, mixed_folder, capsys):
+    from rewards.testing import save_tiny_clip
+
+    clip_dir = save_tiny_clip(tmp_path / "tiny-clip")
+    out = tmp_path / "s.jsonl"
+    argv = [
+        str(mixed_folder),
+        "--reward",
+        "clip",
+        "--reward",
+        "jpeg_compressibility=0.5",
+        "--prompt",
+        "a cat",
+    ]
+    rc, _, err = score([*argv, "--reward-arg", f"clip.pretrained={clip_dir}", "-o", str(out)], capsys)
+    assert rc == 1  # the two bad files
+    rows = read_rows(out)
+    assert len(rows) == 3
+    paths = [Path(r["path"]) for r in rows]
+    expected = direct_scores("clip", paths, ["a cat"] * 3, pretrained=str(clip_dir))
+    assert [r["clip"] for r in rows] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    for r in rows:
+        assert r["total"] == pytest.approx(r["clip"] + 0.5 * r["jpeg_compressibility"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--reward", "jpeg_compressibility", "--reward-arg", "clip.pretrained=/x"], "no --reward 'clip'"),
+        (["--reward", "jpeg_compressibility=heavy"], "is not a number"),
+        (["--reward", "jpeg_compressibility", "--frames", "every:2"], "--frames"),
+    ],
+)
+def test_score_bad_arguments_are_one_line_errors(tmp_path, mixed_folder, capsys, argv, message):
+    rc, _, err = score([str(mixed_folder / "a_rgb.png"), *argv], capsys)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_score_help_documents_prompt_order(capsys):
+    from diffusion_align.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["score", "--help"])
+    text = capsys.readouterr().out
+    assert "sidecar" in text and "--prompts FILE" in text and "first match wins" in text

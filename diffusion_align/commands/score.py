@@ -1,0 +1,391 @@
+"""`diffusion-align score PATH... --reward NAME[=WEIGHT]`: score image and video files with rewards.
+
+One output row per file (JSONL, or CSV when --output ends in .csv), then a summary table. Bad files are
+reported by path and skipped; the exit status is 1 when any file failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from diffusion_align.errors import UserError
+
+HELP = "Score image/video files and folders with one or more rewards; write one row per file."
+
+_EPILOG = """\
+prompts, per file, first match wins:
+  1. its entry in --prompts FILE (lines "NAME<TAB>prompt", or JSONL rows {"file": NAME, "prompt": ...};
+     NAME may be the path as given, the file name or the file name without extension)
+  2. a sidecar text file next to it with the same stem (cat.png -> cat.txt)
+  3. --prompt TEXT
+  4. the empty prompt (a warning says how many files got it)
+
+batching: files are loaded a few batches at a time and grouped by exact pixel shape (no resizing, so
+size-sensitive rewards such as jpeg_compressibility see the stored pixels); a batch holds files of one
+shape. Videos (mp4, mov, webm, mkv, avi; gif with more than one frame) are scored frame-wise with the
+image reward lifted by rewards.per_frame (--frames) and --max-frames evenly spaced frames at most.
+
+examples:
+  diffusion-align score out/ --reward jpeg_compressibility -o scores.jsonl
+  diffusion-align score a.png clip.mp4 --prompt "a cat" --reward clip=1 --reward aesthetic=0.5 \\
+      --reward-arg clip.pretrained=/models/clip-vit-large-patch14 -o scores.csv
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _EPILOG
+    parser.add_argument("paths", nargs="+", help="image/video files and folders (searched recursively)")
+    parser.add_argument(
+        "--reward",
+        action="append",
+        required=True,
+        metavar="NAME[=WEIGHT]",
+        help="a reward from rewards.REWARDS or package.module:Class; repeat for several (weight default 1)",
+    )
+    parser.add_argument(
+        "--reward-arg",
+        action="append",
+        default=[],
+        metavar="NAME.KEY=VALUE",
+        help="argument for a reward's loader, e.g. clip.pretrained=/path/to/dir (repeatable)",
+    )
+    parser.add_argument("--prompt", help="prompt for files without a --prompts entry or sidecar .txt")
+    parser.add_argument("--prompts", metavar="FILE", help="per-file prompts (see below)")
+    parser.add_argument(
+        "-o", "--output", metavar="FILE", help="rows as .jsonl or .csv (default: JSONL on stdout)"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="files per reward call (default 8)")
+    parser.add_argument(
+        "--frames",
+        default="all",
+        metavar="SELECTION",
+        help="video frames to score: all, fml (first/middle/last), random:K, segments:K (default all)",
+    )
+    parser.add_argument(
+        "--max-frames", type=int, default=64, help="frames decoded per video at most (default 64)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for random frame selection")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument parsing helpers
+
+
+def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
+    """["clip=2", "aesthetic"] -> [("clip", 2.0), ("aesthetic", 1.0)]."""
+    out: list[tuple[str, float]] = []
+    for spec in specs:
+        name, sep, weight = spec.partition("=")
+        name = name.strip()
+        if not name:
+            raise UserError(f"--reward {spec!r}: expected NAME or NAME=WEIGHT")
+        try:
+            w = float(weight) if sep else 1.0
+        except ValueError:
+            raise UserError(f"--reward {spec!r}: weight {weight!r} is not a number") from None
+        if any(n == name for n, _ in out):
+            raise UserError(f"--reward {name!r} given twice; give each reward once")
+        out.append((name, w))
+    return out
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_reward_args(items: list[str], names: list[str]) -> dict[str, dict]:
+    """["clip.pretrained=/x", "clip.scale=100"] -> {"clip": {"pretrained": "/x", "scale": 100}}."""
+    out: dict[str, dict] = {n: {} for n in names}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, arg = key.rpartition(".")
+        if not sep or not dot or not name or not arg:
+            raise UserError(f"--reward-arg {item!r}: expected NAME.KEY=VALUE, e.g. clip.pretrained=/path")
+        if name not in out:
+            raise UserError(
+                f"--reward-arg {item!r}: no --reward {name!r} was given (rewards: {', '.join(names)})"
+            )
+        out[name][arg] = _parse_value(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def read_prompt_file(path: str) -> dict[str, str]:
+    """NAME -> prompt from a "NAME<TAB>prompt" text file or a JSONL file of {"file", "prompt"} rows."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--prompts {path}: no such file")
+    table: dict[str, str] = {}
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix.lower() == ".jsonl":
+            try:
+                row = json.loads(line)
+                table[str(row["file"])] = str(row["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(
+                    f'--prompts {path}:{n}: expected a JSON object with "file" and "prompt"'
+                ) from None
+        else:
+            name, tab, prompt = line.partition("\t")
+            if not tab:
+                raise UserError(f"--prompts {path}:{n}: expected NAME<TAB>prompt")
+            table[name.strip()] = prompt.strip()
+    return table
+
+
+def resolve_prompt(path: Path, table: dict[str, str], default: str | None) -> str | None:
+    """The prompt for `path` in the documented order; None when there is none."""
+    for key in (str(path), path.name, path.stem):
+        if key in table:
+            return table[key]
+    sidecar = path.with_suffix(".txt")
+    if sidecar.is_file() and sidecar != path:
+        return sidecar.read_text(encoding="utf-8").strip()
+    return default
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+
+
+class RowWriter:
+    """Writes complete rows as they come; to a file, via `<file>.partial` renamed at the end.
+
+    A crash leaves only whole rows in the .partial file and never a half-written final file.
+    """
+
+    def __init__(self, output: str | None, columns: list[str]):
+        self.columns = columns
+        self.path = Path(output) if output else None
+        self.csv = self.path is not None and self.path.suffix.lower() == ".csv"
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = self.path.with_name(self.path.name + ".partial")
+            self.stream = open(self.tmp, "w", encoding="utf-8", newline="")
+        else:
+            self.stream = sys.stdout
+        if self.csv:
+            self.writer = csv.DictWriter(self.stream, fieldnames=columns)
+            self.writer.writeheader()
+
+    def write(self, row: dict) -> None:
+        if self.csv:
+            self.writer.writerow(row)
+        else:
+            self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.stream.flush()
+
+    def close(self, complete: bool) -> None:
+        """Finish the file; an interrupted run keeps its whole rows in `<file>.partial` instead."""
+        if self.path is not None:
+            self.stream.close()
+            if complete:
+                os.replace(self.tmp, self.path)
+            else:
+                print(f"run interrupted: rows so far are in {self.tmp}", file=sys.stderr)
+
+
+def summary_table(columns: list[str], values: dict[str, list[float]], weights: dict[str, float]) -> str:
+    header = f"{'reward':<24} {'weight':>7} {'n':>6} {'mean':>10} {'std':>10} {'min':>10} {'max':>10}"
+    lines = [header, "-" * len(header)]
+    for name in columns:
+        v = values[name]
+        w = f"{weights[name]:g}" if name in weights else ""
+        if not v:
+            lines.append(f"{name:<24} {w:>7} {0:>6}")
+            continue
+        mean = sum(v) / len(v)
+        std = math.sqrt(sum((x - mean) ** 2 for x in v) / len(v))
+        lines.append(
+            f"{name:<24} {w:>7} {len(v):>6} {mean:>10.4f} {std:>10.4f} {min(v):>10.4f} {max(v):>10.4f}"
+        )
+    return "\n".join(lines)
+
+
+def parse_frames(spec: str) -> tuple[str, int | None]:
+    """ "all" | "fml" | "random:K" | "segments:K" -> (selection, K or None)."""
+    mode, _, k = spec.partition(":")
+    if mode in ("all", "fml") and not k:
+        return mode, None
+    if mode in ("random", "segments") and k.isdigit() and int(k) > 0:
+        return mode, int(k)
+    raise UserError(f"--frames {spec!r}: expected all, fml, random:K or segments:K (K a positive integer)")
+
+
+def lift_to_video(reward, spec: str, generator):
+    """The image reward applied to selected frames of `(B, T, 3, H, W)` videos (rewards.per_frame)."""
+    import rewards
+
+    mode, k = parse_frames(spec)
+    return rewards.per_frame(reward, mode, k=k, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _score_all(scorers: dict, pixels, prompts: list[str], weights: dict[str, float]) -> list[dict]:
+    import torch
+
+    with torch.no_grad():
+        scores = {n: r(pixels, prompts).detach().float().cpu() for n, r in scorers.items()}
+    rows = []
+    for b in range(len(prompts)):
+        # 8 significant digits: what a float32 score holds, without float32->float64 noise in the output
+        row = {n: float(f"{float(s[b]):.8g}") for n, s in scores.items()}
+        row["total"] = sum(weights[n] * v for n, v in row.items())
+        rows.append(row)
+    return rows
+
+
+def score_batch(scorers: dict, pixels, prompts: list[str], weights: dict[str, float]) -> list[dict | str]:
+    """Per file: {reward: score, ..., "total": weighted sum}, or a one-line reason it could not be scored.
+
+    When a batch fails, its files are retried one by one so one bad file does not sink its neighbours.
+    """
+    try:
+        rows = _score_all(scorers, pixels, prompts, weights)
+    except Exception:
+        if len(prompts) == 1:
+            return [_reason(scorers, pixels, prompts, weights)]
+        return [
+            score_batch(scorers, pixels[i : i + 1], prompts[i : i + 1], weights)[0]
+            for i in range(len(prompts))
+        ]
+    return [row if all(math.isfinite(v) for v in row.values()) else _nonfinite(row) for row in rows]
+
+
+def _reason(scorers: dict, pixels, prompts: list[str], weights: dict[str, float]) -> str:
+    for name, reward in scorers.items():
+        try:
+            _score_all({name: reward}, pixels, prompts, {name: 1.0})
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            return f"reward {name} failed ({type(e).__name__}: {first})"
+    return "scoring failed"
+
+
+def _nonfinite(row: dict) -> str:
+    bad = [n for n, v in row.items() if n != "total" and not math.isfinite(v)]
+    return f"non-finite score from {', '.join(bad) or 'total'}"
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    import rewards
+    from rewards.io import LoadFailure, find_media, group_by_shape, load_many
+
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    parse_frames(args.frames)  # fail on a bad --frames before loading any model
+    specs = parse_reward_specs(args.reward)
+    names = [n for n, _ in specs]
+    weights = dict(specs)
+    reward_args = parse_reward_args(args.reward_arg, names)
+    table = read_prompt_file(args.prompts) if args.prompts else {}
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+
+    files, failures = find_media(args.paths)
+    for f in failures:
+        print(f"{f.path}: {f.reason}", file=sys.stderr)
+    if not files:
+        raise UserError(f"no image or video files found in {' '.join(args.paths)}")
+
+    image_rewards = {n: rewards.build(n, **reward_args[n]).to(device) for n in names}
+    video_rewards: dict = {}  # built on first video: the per-frame lifting of each image reward
+    gen = torch.Generator().manual_seed(args.seed)
+
+    columns = ["path", "type", "prompt", *names, "total"]
+    writer = RowWriter(args.output, columns)
+    values: dict[str, list[float]] = {c: [] for c in [*names, "total"]}
+    n_unprompted = 0
+    chunk = 4 * args.batch_size  # look ahead a few batches so same-shape files share a batch
+    complete = False
+    try:
+        with tqdm(total=len(files), unit="file", desc="scoring", disable=None, file=sys.stderr) as bar:
+            for start in range(0, len(files), chunk):
+                media, bad = load_many(files[start : start + chunk], max_frames=args.max_frames)
+                prompts = []
+                for m in media:
+                    p = resolve_prompt(m.path, table, args.prompt)
+                    n_unprompted += p is None
+                    prompts.append(p or "")
+                rows: dict[int, dict] = {}
+                for batch in group_by_shape(media, args.batch_size):
+                    is_video = media[batch[0]].is_video
+                    if is_video and not video_rewards:
+                        video_rewards.update(
+                            {n: lift_to_video(r, args.frames, gen) for n, r in image_rewards.items()}
+                        )
+                    scorers = video_rewards if is_video else image_rewards
+                    pixels = torch.stack([media[i].pixels for i in batch]).to(device)
+                    scored = score_batch(scorers, pixels, [prompts[i] for i in batch], weights)
+                    for i, result in zip(batch, scored, strict=True):
+                        if isinstance(result, str):
+                            bad.append(LoadFailure(media[i].path, result))
+                        else:
+                            kind = "video" if is_video else "image"
+                            rows[i] = {
+                                "path": str(media[i].path),
+                                "type": kind,
+                                "prompt": prompts[i],
+                                **result,
+                            }
+                for i in sorted(rows):
+                    writer.write(rows[i])
+                    for c in values:
+                        values[c].append(rows[i][c])
+                for f in bad:
+                    tqdm.write(f"{f.path}: {f.reason}", file=sys.stderr)  # keeps the bar intact
+                failures += bad
+                bar.update(len(files[start : start + chunk]))
+        complete = True
+    finally:
+        writer.close(complete)
+
+    out = sys.stdout if args.output else sys.stderr
+    if n_unprompted:
+        print(
+            f"warning: {n_unprompted} file(s) had no prompt and were scored with the empty prompt",
+            file=sys.stderr,
+        )
+    print(summary_table([*names, "total"], values, weights), file=out)
+    n_ok = len(values["total"])
+    if args.output:
+        print(f"wrote {n_ok} row(s) to {args.output}", file=out)
+    if failures:
+        print(f"{len(failures)} of {n_ok + len(failures)} file(s) failed (listed above)", file=sys.stderr)
+        return 1
+    return 0
