@@ -16,6 +16,7 @@ COMMANDS = {
     "sample": "sample",
     "train-artifact-head": "train_artifact_head",
     "score": "score",
+    "zoo": "zoo",
 }
 
 
