@@ -284,7 +284,7 @@ class ArtifactHead(Reward):
     @classmethod
     def from_pretrained(
         cls,
-        pretrained: str | os.PathLike,
+        pretrained: str | os.PathLike | None = None,
         clip: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
     ) -> ArtifactHead:
@@ -292,6 +292,12 @@ class ArtifactHead(Reward):
 
         `clip` overrides the backbone recorded in the file (a hub id or a local directory).
         """
+        if pretrained is None:
+            raise RewardError(
+                "artifact_head needs its trained head file: pass pretrained=FILE.safetensors "
+                "(--reward-arg artifact_head.pretrained=FILE); "
+                "make one with `diffusion-align train-artifact-head`"
+            )
         head, meta = load_head(pretrained)
         clip_source = str(clip) if clip is not None else meta.get("clip", "")
         if not clip_source:

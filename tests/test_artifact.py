@@ -314,3 +314,13 @@ def test_head_errors(tmp_path, clip_dir):
     other = save_head(LogisticHead(16), tmp_path / "h.safetensors", format="something-else")
     with pytest.raises(RewardError, match="not an artifact head"):
         load_head(other)
+
+
+def test_judge_runs_in_bfloat16(judge_dir, judge):
+    # The GPU default dtype; pixel values arrive as float32 and must be cast by the model, not by us.
+    bf16 = ArtifactJudge.from_pretrained(judge_dir, device="cpu", dtype="bfloat16")
+    assert bf16.model.dtype == torch.bfloat16
+    images = _images(2, seed=7)
+    lp16, lp32 = bf16.first_token_logprobs(images), judge.first_token_logprobs(images)
+    assert lp16.dtype == torch.float32 and torch.isfinite(lp16).all()
+    assert (lp16 - lp32).abs().max() < 0.1
