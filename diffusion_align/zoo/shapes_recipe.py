@@ -283,10 +283,18 @@ def save_artifacts(out: Path, vae, clip, unet) -> None:
 
 def build(out: str | Path, cfg: RecipeConfig) -> dict:
     """Generate the data, train the three models, save them under `out`; returns timings in seconds."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _build(Path(out), cfg)
+    finally:  # leave the caller's process as it was (tests call this in-process)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _build(out: Path, cfg: RecipeConfig) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     (out / "train_log.jsonl").unlink(missing_ok=True)
     log = _Log(out / "train_log.jsonl", cfg.minutes)
     log(event="config", **asdict(cfg), torch=torch.__version__)
@@ -295,17 +303,12 @@ def build(out: str | Path, cfg: RecipeConfig) -> dict:
     train = data.make_split("train", cfg.n_train)
     times["data"] = time.time() - t
     log(stage="data", event="done", n_train=cfg.n_train, seconds=times["data"])
-    for name, fn in (
-        ("vae", lambda: train_vae(train.images, cfg, log)),
-        ("clip", lambda: train_clip(train.images, train.scenes, cfg, log)),
-    ):
-        t = time.time()
-        result = fn()
-        times[name] = time.time() - t
-        if name == "vae":
-            vae = result
-        else:
-            clip = result
+    t = time.time()
+    vae = train_vae(train.images, cfg, log)
+    times["vae"] = time.time() - t
+    t = time.time()
+    clip = train_clip(train.images, train.scenes, cfg, log)
+    times["clip"] = time.time() - t
     t = time.time()
     unet = train_unet(train.images, train.scenes, vae, text_encoder_from_clip(clip), cfg, log)
     times["unet"] = time.time() - t
