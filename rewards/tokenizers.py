@@ -19,7 +19,8 @@ CLIP_VOCAB_SIZE = 49408
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP byte-level mapping: printable bytes map to themselves, the rest to unused code points.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1))
+    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -27,7 +28,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
 def write_clip_tokenizer_files(directory: str | os.PathLike) -> Path:
