@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rewards.base import Reward
-from rewards.errors import RewardError
+from rewards.base import Reward, check_inputs
+from rewards.errors import RewardError, load_error
 
 # The final, optimised prompt of the paper's judge (constant PROMPT in yq-hong/ArtifactReward).
 PROMPT = (
@@ -33,17 +33,6 @@ PROMPT = (
 )
 DEFAULT_JUDGE = "Qwen/Qwen2.5-VL-7B-Instruct"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
-
-_HUB_HELP = (
-    "pass a local directory (e.g. `pretrained=/path/to/dir` or `--reward-arg {name}.pretrained=/path`) "
-    "holding a `save_pretrained` checkpoint, or point HF_HOME at a cache that has it "
-    "(HF_HUB_OFFLINE=1 searches only the cache)"
-)
-
-
-def _load_error(what: str, where: str, name: str, e: Exception) -> RewardError:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return RewardError(f"could not load {what} from {where!r} ({first}); " + _HUB_HELP.format(name=name))
 
 
 def yes_probability(top_ids: list[int], top_logprobs: list[float], decode) -> float:
@@ -121,6 +110,7 @@ class ArtifactJudge(Reward):
         self.prompt = prompt
         self.top_k = top_k
         self.jpeg_quality = jpeg_quality
+        self.freeze()
 
     @classmethod
     def from_pretrained(
@@ -149,7 +139,7 @@ class ArtifactJudge(Reward):
             processor = AutoProcessor.from_pretrained(where, **proc_kwargs)
             model = Qwen2_5_VLForConditionalGeneration.from_pretrained(where, dtype=dtype)
         except (OSError, ValueError) as e:
-            raise _load_error("the Qwen2.5-VL artifact judge", where, cls.name, e) from e
+            raise load_error(cls.name, "the Qwen2.5-VL judge", where, e) from e
         return cls(model.to(device), processor, **kwargs)
 
     def _inputs(self, images: torch.Tensor):
@@ -166,6 +156,7 @@ class ArtifactJudge(Reward):
         return torch.log_softmax(logits.float(), dim=-1)
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        check_inputs(images, prompts, self.name)
         logprobs = self.first_token_logprobs(images)
         top = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
         decode = self.processor.tokenizer.decode
@@ -245,7 +236,14 @@ def load_clip(pretrained: str | os.PathLike, name: str = "artifact_head"):
     try:
         return CLIPModel.from_pretrained(str(pretrained)).eval().requires_grad_(False)
     except (OSError, ValueError) as e:
-        raise _load_error("the CLIP backbone", str(pretrained), name, e) from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RewardError(
+            f"{name}: could not load the CLIP backbone from {str(pretrained)!r} "
+            f"({type(e).__name__}: {first}); "
+            "pass a local save_pretrained directory (clip=/path, --reward-arg artifact_head.clip=/path, or "
+            "--clip /path for train-artifact-head), or point HF_HOME at a cache that has it "
+            "(HF_HUB_OFFLINE=1 reads only the cache)"
+        ) from e
 
 
 def clip_image_embeddings(clip, images: torch.Tensor) -> torch.Tensor:
@@ -280,6 +278,7 @@ class ArtifactHead(Reward):
         self.clip = clip.eval().requires_grad_(False)
         self.head = head.eval().requires_grad_(False)
         self.clip_source = clip_source
+        self.freeze()
 
     @classmethod
     def from_pretrained(
@@ -315,6 +314,7 @@ class ArtifactHead(Reward):
         return self.head(clip_image_embeddings(self.clip, images))
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None) -> torch.Tensor:
+        check_inputs(images, prompts, self.name)
         return torch.sigmoid(-self.logits(images)).float()
 
 

@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-from rewards.errors import RewardError
 from torch import nn
 
 from rewards.artifact import (
@@ -26,6 +25,8 @@ from rewards.artifact import (
     save_head,
     yes_probability,
 )
+from rewards.errors import RewardError
+from rewards.testing import save_tiny_clip
 
 ANSWER_WORDS = ["YES", "Yes", "yes", "NO", "No", "no"]
 QWEN_SPECIALS = [
@@ -226,43 +227,13 @@ def test_yes_probability_rules():
 # ArtifactHead
 
 
-def tiny_clip(seed: int = 0, projection_dim: int = 16):
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=1000,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-        ),
-        vision_config=dict(
-            image_size=32,
-            patch_size=8,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-        ),
-        projection_dim=projection_dim,
-    )
-    return CLIPModel(config).eval()
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-clip")
-    tiny_clip().save_pretrained(d)
-    return d
+    return save_tiny_clip(d, image_size=32, patch_size=8)
 
 
-def _trained_head(dim: int = 16, seed: int = 0) -> LogisticHead:
+def _trained_head(dim: int = 32, seed: int = 0) -> LogisticHead:
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(40, dim, generator=g)
     labels = (feats[:, 0] > 0).float()
@@ -309,9 +280,9 @@ def test_head_errors(tmp_path, clip_dir):
 
     with pytest.raises(RewardError, match="train-artifact-head"):
         ArtifactHead.from_pretrained(tmp_path / "missing.safetensors")
-    with pytest.raises(RewardError, match="32-d"):
-        ArtifactHead(load_clip(clip_dir), LogisticHead(32))
-    other = save_head(LogisticHead(16), tmp_path / "h.safetensors", format="something-else")
+    with pytest.raises(RewardError, match="16-d"):
+        ArtifactHead(load_clip(clip_dir), LogisticHead(16))
+    other = save_head(LogisticHead(32), tmp_path / "h.safetensors", format="something-else")
     with pytest.raises(RewardError, match="not an artifact head"):
         load_head(other)
 

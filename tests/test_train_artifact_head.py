@@ -18,18 +18,7 @@ from PIL import Image
 from diffusion_align.cli import main
 from rewards.artifact import ArtifactHead, load_head
 from rewards.io import load_media
-
-
-def tiny_clip(seed: int = 0):
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(seed)
-    text = dict(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
-                pad_token_id=1)  # fmt: skip
-    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                  num_attention_heads=2)  # fmt: skip
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+from rewards.testing import save_tiny_clip
 
 
 def smooth_image(rng) -> np.ndarray:
@@ -65,8 +54,7 @@ def write_folder(d: Path, make, n: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-clip")
-    tiny_clip().save_pretrained(d)
-    return d
+    return save_tiny_clip(d, image_size=32, patch_size=8)
 
 
 def test_train_reports_heldout_accuracy_and_head_works(tmp_path, clip_dir, capsys):
