@@ -143,3 +143,31 @@ def load_open_clip(arch: str, pretrained: str | os.PathLike | None, name: str):
     except (RuntimeError, OSError, ValueError) as e:
         raise load_error(name, f"open_clip {arch} weights", str(pretrained), e) from e
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(arch)
+
+
+def load_clip_vision(
+    pretrained: str | os.PathLike, name: str, dtype: torch.dtype | None = None, arg: str = "pretrained"
+):
+    """Only the vision tower + projection (`CLIPVisionModelWithProjection`) of a CLIP checkpoint.
+
+    Saves the text tower's memory (~120M parameters for ViT-L/14). A full `CLIPModel` checkpoint keeps
+    `projection_dim` at the top level, so it is copied into the vision config before loading.
+    """
+    from transformers import CLIPConfig, CLIPVisionModelWithProjection
+    from transformers.utils import logging
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    verbosity = logging.get_verbosity()
+    try:
+        config = CLIPConfig.from_pretrained(str(pretrained))
+        if config.model_type == "clip":
+            vision_config = config.vision_config
+            vision_config.projection_dim = config.projection_dim
+            kwargs["config"] = vision_config
+        logging.set_verbosity_error()  # the text-tower keys are "unexpected" by design
+        model = CLIPVisionModelWithProjection.from_pretrained(str(pretrained), **kwargs)
+    except (OSError, ValueError) as e:
+        raise load_error(name, "the CLIP vision tower", str(pretrained), e, arg) from e
+    finally:
+        logging.set_verbosity(verbosity)
+    return model.eval().requires_grad_(False)

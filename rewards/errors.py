@@ -7,7 +7,7 @@ import os
 HUB_HELP = (
     "weights are read from the Hugging Face cache (HF_HOME, currently {home}); with HF_HUB_OFFLINE=1 or no "
     "network they must already be there. Otherwise download them elsewhere and pass a local path "
-    "(pretrained=/path, or --reward-arg {name}.pretrained=/path)"
+    "({arg}=/path, or --reward-arg {name}.{arg}=/path)"
 )
 
 
@@ -15,16 +15,18 @@ class RewardError(Exception):
     """A reward could not be built or called; the message is one line meant for the user."""
 
 
-def hub_help(name: str) -> str:
+def hub_help(name: str, arg: str = "pretrained") -> str:
     """The standard hint on where weights come from and how to pass a local path instead."""
     home = os.environ.get("HF_HOME", "~/.cache/huggingface")
-    return HUB_HELP.format(home=home, name=name)
+    return HUB_HELP.format(home=home, name=name, arg=arg)
 
 
-def load_error(name: str, what: str, where: str, err: BaseException | None = None) -> RewardError:
+def load_error(
+    name: str, what: str, where: str, err: BaseException | None = None, arg: str = "pretrained"
+) -> RewardError:
     """RewardError for a checkpoint that could not be found or read: says where we looked and what to do."""
     reason = ""
     if err is not None:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         reason = f" ({type(err).__name__}: {first[:200]})"
-    return RewardError(f"{name}: could not load {what} from {where!r}{reason}; " + hub_help(name))
+    return RewardError(f"{name}: could not load {what} from {where!r}{reason}; " + hub_help(name, arg))

@@ -66,7 +66,7 @@ def save_tiny_clip(directory: str | os.PathLike, with_tokenizer: bool = True, **
 # Aesthetic predictors
 
 
-def save_tiny_aesthetic(directory: str | os.PathLike, seed: int = 0, relu: bool = False) -> tuple[Path, Path]:
+def save_tiny_aesthetic(directory: str | os.PathLike, seed: int = 0) -> tuple[Path, Path]:
     """A tiny CLIP dir and a dir with `aesthetic-model.pth` (keys `layers.{0,2,4,6,7}.*`) -> (clip, head)."""
     from rewards.aesthetic import AestheticMLP
 
@@ -75,7 +75,7 @@ def save_tiny_aesthetic(directory: str | os.PathLike, seed: int = 0, relu: bool 
     head_dir = directory / "head"
     head_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed + 1)
-    head = AestheticMLP(32, relu=relu)
+    head = AestheticMLP(32)
     torch.save(OrderedDict(head.state_dict()), head_dir / "aesthetic-model.pth")
     return clip_dir, head_dir
 
