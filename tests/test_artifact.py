@@ -295,3 +295,19 @@ def test_judge_runs_in_bfloat16(judge_dir, judge):
     lp16, lp32 = bf16.first_token_logprobs(images), judge.first_token_logprobs(images)
     assert lp16.dtype == torch.float32 and torch.isfinite(lp16).all()
     assert (lp16 - lp32).abs().max() < 0.1
+
+
+def test_registry_builds_both_artifact_rewards(judge_dir, clip_dir, tmp_path):
+    import rewards
+
+    judge = rewards.build("artifact_judge", pretrained=str(judge_dir), device="cpu", max_pixels=28 * 28)
+    assert (
+        isinstance(judge, ArtifactJudge) and judge.processor.image_processor.size["longest_edge"] == 28 * 28
+    )
+    head_file = save_head(LogisticHead(32), tmp_path / "head.safetensors", clip=str(clip_dir))
+    head = rewards.build("artifact_head", pretrained=str(head_file))
+    assert isinstance(head, ArtifactHead) and head.differentiable
+    video = rewards.per_frame(head, "fml")(_images(2, size=32)[:, None].expand(2, 4, 3, 32, 32), ["", ""])
+    assert video.shape == (2,) and torch.isfinite(video).all()
+    with pytest.raises(RewardError, match="train-artifact-head"):
+        rewards.build("artifact_head")

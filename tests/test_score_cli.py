@@ -290,3 +290,61 @@ def test_score_help_documents_prompt_order(capsys):
         main(["score", "--help"])
     text = capsys.readouterr().out
     assert "sidecar" in text and "--prompts FILE" in text and "first match wins" in text
+
+
+PICKY_REWARD = '''
+import torch
+from rewards.base import Reward
+from rewards.errors import RewardError
+
+
+class Picky(Reward):
+    """Mean brightness; refuses white images and gives NaN for black ones (to exercise failure paths)."""
+
+    name = "picky"
+
+    def forward(self, images, prompts):
+        mean = images.mean((1, 2, 3))
+        if (mean > 0.99).any():
+            raise RewardError("white image")
+        return torch.where(mean < 0.01, torch.full_like(mean, float("nan")), mean)
+'''
+
+
+def test_score_isolates_files_a_reward_fails_on(tmp_path, monkeypatch, capsys):
+    (tmp_path / "picky_reward.py").write_text(PICKY_REWARD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name, value in [("a", 100), ("b_white", 255), ("c", 150), ("d_black", 0)]:
+        Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(d / f"{name}.png")
+    out = tmp_path / "s.jsonl"
+    rc, _, err = score([str(d), "--reward", "picky_reward:Picky", "-o", str(out)], capsys)
+    assert rc == 1
+    rows = read_rows(out)
+    assert [Path(r["path"]).stem for r in rows] == ["a", "c"]  # batch-mates of the bad files still scored
+    assert [r["picky_reward:Picky"] for r in rows] == pytest.approx([100 / 255, 150 / 255], rel=1e-6)
+    assert "b_white.png: reward picky_reward:Picky failed (RewardError: white image)" in err
+    assert "d_black.png: non-finite score" in err
+    assert "2 of 4 file(s) failed" in err
+
+
+def test_score_with_artifact_head_from_files(tmp_path, mixed_folder, capsys):
+    from rewards.artifact import LogisticHead, save_head
+    from rewards.testing import save_tiny_clip
+
+    clip_dir = save_tiny_clip(tmp_path / "clip", image_size=32, patch_size=8)
+    head_file = save_head(LogisticHead(32), tmp_path / "head.safetensors", clip=str(clip_dir))
+    out = tmp_path / "s.jsonl"
+    argv = [
+        str(mixed_folder),
+        "--reward",
+        "artifact_head",
+        "--reward-arg",
+        f"artifact_head.pretrained={head_file}",
+    ]
+    rc, _, err = score([*argv, "-o", str(out)], capsys)
+    assert rc == 1 and "2 of 5 file(s) failed" in err
+    rows = read_rows(out)
+    expected = direct_scores("artifact_head", [Path(r["path"]) for r in rows], pretrained=str(head_file))
+    assert [r["artifact_head"] for r in rows] == pytest.approx(expected, rel=1e-5)

@@ -252,15 +252,13 @@ def lift_to_video(reward, spec: str, generator):
 def _score_all(scorers: dict, pixels, prompts: list[str], weights: dict[str, float]) -> list[dict]:
     import torch
 
+    from rewards import weighted_sum
+
     with torch.no_grad():
-        scores = {n: r(pixels, prompts).detach().float().cpu() for n, r in scorers.items()}
-    rows = []
-    for b in range(len(prompts)):
-        # 8 significant digits: what a float32 score holds, without float32->float64 noise in the output
-        row = {n: float(f"{float(s[b]):.8g}") for n, s in scores.items()}
-        row["total"] = sum(weights[n] * v for n, v in row.items())
-        rows.append(row)
-    return rows
+        total, parts = weighted_sum(scorers, pixels, prompts, {n: weights[n] for n in scorers})
+    # 8 significant digits: what a float32 score holds, without float32->float64 noise in the output
+    rounded = {n: [float(f"{v:.8g}") for v in p.cpu().tolist()] for n, p in {**parts, "total": total}.items()}
+    return [{n: values[b] for n, values in rounded.items()} for b in range(len(prompts))]
 
 
 def score_batch(scorers: dict, pixels, prompts: list[str], weights: dict[str, float]) -> list[dict | str]:
