@@ -7,6 +7,7 @@ un-normalised). Loading helpers return one-line `RewardError`s that say where th
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -138,10 +139,15 @@ def load_open_clip(arch: str, pretrained: str | os.PathLike | None, name: str):
 
     if arch not in open_clip.list_models():
         raise RewardError(f"{name}: open_clip has no architecture {arch!r}; see open_clip.list_models()")
+    previous = logging.root.manager.disable
     try:
+        if not pretrained:  # the caller loads weights itself; open_clip's "initialized randomly" is noise
+            logging.disable(logging.WARNING)
         model = open_clip.create_model(arch, pretrained=str(pretrained) if pretrained else None)
     except (RuntimeError, OSError, ValueError) as e:
         raise load_error(name, f"open_clip {arch} weights", str(pretrained), e) from e
+    finally:
+        logging.disable(previous)
     return model.eval().requires_grad_(False), open_clip.get_tokenizer(arch)
 
 

@@ -169,8 +169,10 @@ def write_tiny_bert_vocab(directory: str | os.PathLike) -> Path:
     return directory
 
 
-def tiny_blip_vit(seed: int = 0, image_size: int = 32, patch_size: int = 8, width: int = 32, depth: int = 2):
-    """BLIP's visual encoder is a timm-style ViT: a timm `VisionTransformer` has its exact key names."""
+def tiny_blip_vit(seed: int = 0, image_size: int = 32, patch_size: int = 8, width: int = 64, depth: int = 2):
+    """BLIP's visual encoder is a timm-style ViT: a timm `VisionTransformer` has its exact key names.
+
+    Heads = width // 64, as in BLIP's ViT-B/L (the loader infers them that way)."""
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
@@ -179,7 +181,7 @@ def tiny_blip_vit(seed: int = 0, image_size: int = 32, patch_size: int = 8, widt
         patch_size=patch_size,
         embed_dim=width,
         depth=depth,
-        num_heads=4,
+        num_heads=max(1, width // 64),
         mlp_ratio=4.0,
         qkv_bias=True,
         num_classes=0,
@@ -188,7 +190,7 @@ def tiny_blip_vit(seed: int = 0, image_size: int = 32, patch_size: int = 8, widt
     ).eval()
 
 
-def tiny_med_config(vocab_size: int, encoder_width: int = 32) -> dict:
+def tiny_med_config(vocab_size: int, encoder_width: int = 64) -> dict:
     """ImageReward's `med_config.json` (BERT with cross-attention) at toy size."""
     return {
         "architectures": ["BertModel"],
