@@ -21,6 +21,10 @@ class Reward(nn.Module):
     name: str = "reward"
     differentiable: bool = False
 
+    def __init__(self):
+        super().__init__()
+        self.training = False  # submodules added later are frozen by `freeze()`
+
     @classmethod
     def from_pretrained(cls, pretrained=None, **kwargs) -> Reward:
         """Rewards without a checkpoint are built from their keyword arguments."""
