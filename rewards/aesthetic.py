@@ -84,8 +84,8 @@ class AestheticReward(Reward):
         dtype: torch.dtype | None = None,
     ) -> AestheticReward:
         """`pretrained`: head file, a directory holding `filename`, or a hub repo; `clip`: CLIP hub id/dir."""
+        path = resolve_file(pretrained, filename, cls.name)  # first: the small file fails fast
         vision = load_clip_vision(clip, cls.name, dtype, arg="clip")
-        path = resolve_file(pretrained, filename, cls.name)
         head = AestheticMLP(vision.config.projection_dim)
         load_into(head, load_state_dict(path, cls.name), cls.name, str(path))
         return cls(vision, head).to(device=device, dtype=dtype)

@@ -91,11 +91,11 @@ class AestheticV25Reward(Reward):
         """`pretrained`: head file or URL; `encoder`: SigLIP hub id or local directory."""
         from transformers import SiglipVisionModel
 
+        path = _head_file(pretrained, cls.name)  # first: cheap, and fails before a big download
         try:
             vision = SiglipVisionModel.from_pretrained(str(encoder))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError) as e:
             raise load_error(cls.name, "the SigLIP vision tower", str(encoder), e, arg="encoder") from e
-        path = _head_file(pretrained, cls.name)
         head = AestheticV25Head(vision.config.hidden_size)
         load_into(head, load_state_dict(path, cls.name), cls.name, str(path))
         return cls(vision, head).to(device=device, dtype=dtype)

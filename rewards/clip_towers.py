@@ -100,7 +100,7 @@ def load_hf_clip(pretrained: str | os.PathLike, name: str, dtype: torch.dtype | 
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
         return CLIPModel.from_pretrained(str(pretrained), **kwargs).eval().requires_grad_(False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise load_error(name, "the CLIP model", str(pretrained), e) from e
 
 
@@ -172,7 +172,7 @@ def load_clip_vision(
             kwargs["config"] = vision_config
         logging.set_verbosity_error()  # the text-tower keys are "unexpected" by design
         model = CLIPVisionModelWithProjection.from_pretrained(str(pretrained), **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise load_error(name, "the CLIP vision tower", str(pretrained), e, arg) from e
     finally:
         logging.set_verbosity(verbosity)
