@@ -1,0 +1,77 @@
+"""Weighted sums with normalisation, components kept for logging, truthful differentiable flag."""
+
+import pytest
+import torch
+
+import rewards
+from rewards.base import Reward
+from rewards.combine import RunningNorm
+
+
+class Mean(Reward):
+    """Differentiable toy reward: scale * mean pixel."""
+
+    name = "mean"
+    differentiable = True
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, images, prompts):
+        return self.scale * images.mean(dim=(1, 2, 3))
+
+
+def test_weighted_sum_and_components():
+    x = torch.rand(4, 3, 16, 16)
+    parts_in = {"a": Mean(1.0), "b": Mean(3.0), "j": rewards.build("jpeg_incompressibility")}
+    total, parts = rewards.weighted_sum(parts_in, x, [""] * 4, weights={"a": 2.0, "j": 0.1})
+    m = x.mean(dim=(1, 2, 3))
+    assert torch.allclose(parts["a"], m) and torch.allclose(parts["b"], 3 * m)
+    assert torch.allclose(total, 2 * m + 3 * m + 0.1 * parts["j"])
+    with pytest.raises(rewards.RewardError, match="unknown rewards"):
+        rewards.weighted_sum(parts_in, x, [""] * 4, weights={"zz": 1.0})
+
+
+def test_running_normalisation_matches_the_statistics_of_all_scores_seen():
+    norm = RunningNorm(eps=0.0)
+    seen = []
+    for i in range(4):
+        r = torch.randn(5) * (i + 1) + i
+        seen.append(r)
+        out = norm(r)
+        allr = torch.cat(seen).double()
+        assert torch.allclose(out.double(), (r.double() - allr.mean()) / allr.std(unbiased=False), atol=1e-5)
+
+
+def test_combined_normalises_but_logs_raw_components():
+    c = rewards.Combined({"a": Mean(1.0), "b": Mean(100.0)}, normalize={"b": ("fixed", 50.0, 100.0)})
+    x = torch.rand(3, 3, 8, 8)
+    total, parts = c.score(x, [""] * 3)
+    m = x.mean(dim=(1, 2, 3))
+    assert torch.allclose(total, m + (100 * m - 50) / 100)
+    assert torch.allclose(parts["b"], 100 * m) and torch.allclose(c.last_components["b"], 100 * m)
+    c2 = rewards.Combined({"a": Mean(1.0)}, normalize=4.0)
+    assert torch.allclose(c2(x, [""] * 3), m / 4)
+    with pytest.raises(rewards.RewardError, match="unknown reward normalisation"):
+        rewards.Combined({"a": Mean()}, normalize="zscore-ish")
+
+
+def test_combined_running_norm_uses_batch_stats_on_first_call():
+    c = rewards.Combined({"a": Mean(1.0)}, normalize="running")
+    x = torch.rand(6, 3, 8, 8)
+    out = c(x, [""] * 6)
+    assert abs(out.mean().item()) < 1e-5 and out.std(unbiased=False).item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_differentiable_flag_is_truthful_for_mixes():
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    diff = rewards.Combined({"a": Mean(), "b": Mean(2.0)})
+    assert diff.differentiable
+    diff(x, ["", ""]).sum().backward()
+    assert x.grad.abs().sum() > 0
+    mixed = rewards.Combined({"a": Mean(), "j": rewards.build("jpeg_compressibility")})
+    assert not mixed.differentiable
+    assert not mixed(x, ["", ""]).requires_grad
+    total, parts = mixed.score(x, ["", ""])
+    assert parts["a"].requires_grad  # the components keep their own graphs for whoever wants them
