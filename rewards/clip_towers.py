@@ -21,6 +21,22 @@ from rewards.preprocess import CLIP_MEAN, CLIP_STD
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
+class TokenCache:
+    """Tokenised prompt batches by value: training re-scores the same prompt lists every step, and on
+    small models tokenising costs as much as the forward. Bounded; cleared when full."""
+
+    def __init__(self, tokenize, max_entries: int = 256):
+        self.tokenize, self.max_entries, self.entries = tokenize, max_entries, {}
+
+    def __call__(self, prompts: list[str]):
+        key = tuple(prompts)
+        if key not in self.entries:
+            if len(self.entries) >= self.max_entries:
+                self.entries.clear()
+            self.entries[key] = self.tokenize(list(key))
+        return self.entries[key]
+
+
 class HFClipTowers(nn.Module):
     """A transformers `CLIPModel` and its tokenizer (prompts truncated to 77 tokens, padded per batch)."""
 
@@ -31,6 +47,11 @@ class HFClipTowers(nn.Module):
         self.image_size = int(model.config.vision_config.image_size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.max_length = min(int(model.config.text_config.max_position_embeddings), 77)
+        self.tokens = TokenCache(
+            lambda p: tokenizer(
+                p, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+        )
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -42,9 +63,7 @@ class HFClipTowers(nn.Module):
         return getattr(out, "pooler_output", out).float()  # transformers 5 returns a model output
 
     def encode_text(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        tok = self.tokenizer(
-            list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        tok = self.tokens(prompts)
         out = self.model.get_text_features(
             input_ids=tok["input_ids"].to(device), attention_mask=tok["attention_mask"].to(device)
         )
@@ -65,6 +84,7 @@ class OpenClipTowers(nn.Module):
         self.image_size = int(size if isinstance(size, int) else size[0])
         self.mean = tuple(cfg.get("mean", CLIP_MEAN))
         self.std = tuple(cfg.get("std", CLIP_STD))
+        self.tokens = TokenCache(tokenizer)
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -75,7 +95,7 @@ class OpenClipTowers(nn.Module):
         return self.model.encode_image(pixels.to(dtype)).float()
 
     def encode_text(self, prompts: list[str], device: torch.device) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(list(prompts)).to(device)).float()
+        return self.model.encode_text(self.tokens(prompts).to(device)).float()
 
 
 def cosine(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

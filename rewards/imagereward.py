@@ -22,6 +22,7 @@ from torch import nn
 
 from rewards.aesthetic import AestheticMLP
 from rewards.base import Reward, check_inputs
+from rewards.clip_towers import TokenCache
 from rewards.errors import RewardError, load_error
 from rewards.hub import load_into, load_state_dict, resolve_file
 from rewards.preprocess import BLIP_MEAN, BLIP_STD, clip_preprocess
@@ -127,6 +128,11 @@ class ImageRewardReward(Reward):
         super().__init__()
         self.vision, self.text, self.mlp, self.tokenizer = vision, text, mlp, tokenizer
         self.image_size = int(vision.config.image_size)
+        self.tokens = TokenCache(
+            lambda p: tokenizer(
+                p, padding="max_length", truncation=True, max_length=MAX_TEXT_LENGTH, return_tensors="pt"
+            )
+        )
         self.freeze()
 
     @classmethod
