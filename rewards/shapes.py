@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rewards.base import Reward
+from rewards.base import Reward, check_inputs
 from rewards.errors import RewardError
 
 # Shape colours and background colours are disjoint sets, so "which pixels are the shapes" is a colour test.
@@ -238,13 +238,8 @@ def adherence(detections: list[Detection], scenes: list[Scene]) -> dict[str, flo
 # Rewards
 
 
-def _check(images: torch.Tensor, prompts: list[str]) -> list[Scene]:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise RewardError(f"shapes rewards expect images (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
-    if len(prompts) != images.shape[0]:
-        raise RewardError(
-            f"got {images.shape[0]} images but {len(prompts)} prompts; pass one prompt per image"
-        )
+def _check(images: torch.Tensor, prompts: list[str], name: str) -> list[Scene]:
+    check_inputs(images, prompts, name)
     return [parse_caption(p) for p in prompts]
 
 
@@ -258,7 +253,7 @@ class ShapesColorReward(Reward):
     differentiable = False
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        scenes = _check(images, prompts)
+        scenes = _check(images, prompts, self.name)
         dets = detect(images)
         r = [
             0.5 * (d.color == s.color) + 0.5 * (d.background == s.background)
@@ -278,7 +273,7 @@ class ShapesCountReward(Reward):
     differentiable = False
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        scenes = _check(images, prompts)
+        scenes = _check(images, prompts, self.name)
         x = images.detach().float().clamp(0, 1)
         b, _, h, w = x.shape
         dist = torch.cdist(x.permute(0, 2, 3, 1).reshape(b, -1, 3), PALETTE.to(x.device)).view(b, h, w, -1)
@@ -311,7 +306,7 @@ class ShapesColorSoftReward(Reward):
         self.tau, self.sigma = tau, sigma
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        scenes = _check(images, prompts)
+        scenes = _check(images, prompts, self.name)
         x = images.float()
         pal = PALETTE.to(x.device)
         d2 = ((x.unsqueeze(1) - pal.view(1, -1, 3, 1, 1)) ** 2).sum(2)  # (B, K, H, W)
@@ -336,7 +331,7 @@ class ShapesMatchReward(Reward):
     differentiable = False
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        scenes = _check(images, prompts)
+        scenes = _check(images, prompts, self.name)
         r = [
             (
                 (d.color == s.color)
