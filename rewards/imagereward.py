@@ -179,13 +179,7 @@ class ImageRewardReward(Reward):
         check_inputs(images, prompts, self.name)
         pixels = clip_preprocess(images, self.image_size, BLIP_MEAN, BLIP_STD).to(self.dtype)
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state
-        tok = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            truncation=True,
-            max_length=MAX_TEXT_LENGTH,
-            return_tensors="pt",
-        )
+        tok = self.tokens(prompts)
         out = self.text(
             input_ids=tok["input_ids"].to(images.device),
             attention_mask=tok["attention_mask"].to(images.device),

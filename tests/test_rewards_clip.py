@@ -117,3 +117,18 @@ def test_missing_model_is_a_one_line_error(tmp_path):
         rewards.build("clip", pretrained=str(tmp_path / "absent"))
     with pytest.raises(rewards.RewardError, match="no architecture"):
         rewards.build("clip", pretrained=None, open_clip_arch="ViT-Q-99")
+
+
+def test_token_cache_returns_the_tokenizer_output_and_stays_bounded():
+    from rewards.clip_towers import TokenCache
+
+    tok = clip_tokenizer()
+    calls = []
+    cache = TokenCache(lambda p: calls.append(p) or tok(p, padding=True, return_tensors="pt"), max_entries=2)
+    a = cache(["a cat", "a dog"])
+    assert torch.equal(
+        a["input_ids"], tok(["a cat", "a dog"], padding=True, return_tensors="pt")["input_ids"]
+    )
+    assert cache(["a cat", "a dog"]) is a and len(calls) == 1
+    cache(["b"]), cache(["c"])
+    assert len(cache.entries) <= 2
