@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from dataclasses import asdict
@@ -68,7 +69,8 @@ def run(args) -> int:
     metrics = evaluate(pipeline, clip, args.out, n_prompts=args.prompts, steps=args.steps)
     out = Path(args.out)
     (out / "command.txt").write_text(
-        f"{_command_line()}\n# pipeline: {pipeline}\n# clip: {clip}\n# torch threads: {args.threads}\n"
+        f"{_command_line()}\n# pipeline: {os.path.relpath(pipeline)}\n# clip: {os.path.relpath(clip)}\n"
+        f"# torch threads: {args.threads}\n"
     )
     if args.card:
         from diffusion_align.zoo.shapes_card import write_card
