@@ -7,9 +7,10 @@ training sections live next to the code that uses them and are gathered by the r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from diffusion_align.policy import DEFAULT_TARGET_MODULES
+from diffusion_align.strategies import STRATEGY_CONFIGS
 
 
 @dataclass
@@ -51,3 +52,65 @@ class RewardSettings:
     weight: float = 1.0  # weight in the combined reward
     normalize: bool = False  # standardise by running mean/std before weighting
     args: dict = field(default_factory=dict)  # passed to the reward's from_pretrained, e.g. {pretrained: /path}
+
+
+@dataclass
+class StrategySettings:
+    """Annotation only: `strategy: ddpo` or `strategy: {name: ddpo, ...}` picks the strategy's own config."""
+
+    VARIANTS: ClassVar[dict] = STRATEGY_CONFIGS
+
+
+@dataclass
+class PromptSettings:
+    train: str = "shapes_train"  # built-in list (see diffusion_align.prompts), a .txt (one per line) or .jsonl file
+    eval: str = "shapes_heldout"  # held-out prompts for evaluation grids and the before/after reward
+    eval_count: int = 16  # how many eval prompts to use (the first N)
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 100  # collect-then-update rounds
+    samples_per_epoch: int = 256  # images collected per epoch, summed over processes (DDPO: 512)
+    batch_size: int = 64  # samples per optimizer step, summed over processes (accumulation is derived)
+    micro_batch_size: int = 4  # samples per forward/backward per process (memory knob; no effect on math)
+    learning_rate: float = 3e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_warmup_steps: int = 0  # linear warm-up in optimizer steps, then constant
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0  # per-process seeds derive from it; noise never repeats across ranks
+
+
+@dataclass
+class CheckpointSettings:
+    every: int = 10  # epochs between checkpoints (and one at the end)
+    keep_last: int = 3  # older checkpoints are deleted
+    resume: str | None = None  # "latest" (in output_dir) or a checkpoint folder
+    export_merged: bool = False  # also save the LoRA merged into a full pipeline at the end
+
+
+@dataclass
+class LoggingSettings:
+    tensorboard: bool = True
+    wandb: bool = False  # needs the [wandb] extra
+    wandb_project: str = "diffusion_align"
+    log_every: int = 1  # epochs
+    eval_every: int = 10  # epochs between evaluation grids on the eval prompts (0 = only before/after)
+    progress: bool = True  # tqdm bars
+
+
+@dataclass
+class Config:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    sample: SampleSettings = field(default_factory=SampleSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    rewards: list[RewardSettings] = field(default_factory=lambda: [RewardSettings()])
+    strategy: StrategySettings | None = None  # None for commands that only sample
+    prompts: PromptSettings = field(default_factory=PromptSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    output_dir: str = "runs/default"  # run folder: config.yaml, checkpoints/, logs/, samples/, lora/
