@@ -27,7 +27,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _builtin_pipeline(name: str):
+def _builtin_pipeline(name: str, dtype):
     from diffusion_align.testing import TINY_PIPELINES
 
     if name in TINY_PIPELINES:
@@ -37,14 +37,18 @@ def _builtin_pipeline(name: str):
     except ImportError:
         return None
     if name in BUNDLED:
-        return _load_pipeline(str(BUNDLED[name]), torch.float32, None, None)
+        return _load_pipeline(str(BUNDLED[name]), dtype, None, None)
     return None
 
 
 def _missing_model_message(pretrained: str, error: Exception) -> str:
     local = Path(pretrained).expanduser().resolve()
     hub_home = os.environ.get("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
-    offline = " (HF_HUB_OFFLINE=1 is set, so the hub was not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    offline = (
+        " (HF_HUB_OFFLINE=1 is set, so only the cache was searched)"
+        if os.environ.get("HF_HUB_OFFLINE")
+        else " (set HF_HUB_OFFLINE=1 to skip the network on machines without it)"
+    )
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (
         f"could not load model '{pretrained}': no pipeline folder at {local} and not loadable from the "
@@ -69,7 +73,7 @@ def _load_pipeline(pretrained: str, dtype, revision, variant):
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            pretrained, torch_dtype=dtype, revision=revision, variant=variant, **extra
+            pretrained, dtype=dtype, revision=revision, variant=variant, **extra
         )
     except (OSError, ValueError) as e:
         raise UserError(_missing_model_message(pretrained, e)) from e
@@ -87,6 +91,8 @@ def load_backbone(
     """Load a backbone by built-in name, local folder or hub id, cast to `dtype`, on `device`."""
     if dtype not in DTYPES:
         raise UserError(f"model.dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
-    pipe = _builtin_pipeline(pretrained) or _load_pipeline(pretrained, DTYPES[dtype], revision, variant)
+    pipe = _builtin_pipeline(pretrained, DTYPES[dtype]) or _load_pipeline(
+        pretrained, DTYPES[dtype], revision, variant
+    )
     backbone = SUPPORTED_PIPELINES.get(type(pipe).__name__, StableDiffusionBackbone)(pipe)
     return backbone.to(device=resolve_device(device), dtype=DTYPES[dtype])

@@ -28,7 +28,9 @@ class PromptEmbeds:
     time_ids: Tensor | None = None
 
     def _map(self, fn) -> PromptEmbeds:
-        return PromptEmbeds(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)})
+        return PromptEmbeds(
+            **{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)}
+        )
 
     def __getitem__(self, index) -> PromptEmbeds:
         """Rows `index` (int tensor, slice or list) of every field."""
@@ -45,7 +47,9 @@ class PromptEmbeds:
         first = items[0]
         return PromptEmbeds(
             **{
-                f.name: None if getattr(first, f.name) is None else torch.cat([getattr(e, f.name) for e in items])
+                f.name: None
+                if getattr(first, f.name) is None
+                else torch.cat([getattr(e, f.name) for e in items])
                 for f in fields(first)
             }
         )
@@ -81,6 +85,8 @@ class StableDiffusionBackbone:
         return side, side
 
     def to(self, device=None, dtype=None) -> StableDiffusionBackbone:
+        if dtype == self.dtype:  # a no-op cast still makes diffusers warn about fp32-pinned modules
+            dtype = None
         self.pipe.to(device=device, dtype=dtype)
         return self
 
@@ -153,13 +159,16 @@ class StableDiffusionBackbone:
         mean, std = self._latent_stats(dist.mean)
         return (dist.sample(generator) - mean) * self.vae.config.scaling_factor / std
 
-    def initial_noise(
-        self, batch_size: int, generator=None, size: tuple[int, int] | None = None
-    ) -> Tensor:
+    def initial_noise(self, batch_size: int, generator=None, size: tuple[int, int] | None = None) -> Tensor:
         """x_T ~ N(0, I) of shape (B, C, H/f, W/f), drawn exactly as the diffusers pipelines draw it, so the
         same generator gives the same image as `pipe(...)`. `generator` may be a list (one per sample)."""
         height, width = size or self.default_size()
-        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (
+            batch_size,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         return noise * self.scheduler.init_noise_sigma
 
