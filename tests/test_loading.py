@@ -1,0 +1,46 @@
+"""Model loading by built-in name, local folder and (offline) hub id, with one-line errors."""
+
+import pytest
+import torch
+
+from diffusion_align.backbones import load_backbone
+from diffusion_align.errors import UserError
+from diffusion_align.testing import tiny_sd
+
+
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-sdxl", "shapes"])
+def test_builtin_names_load(name):
+    backbone = load_backbone(name, device="cpu")
+    assert backbone.device.type == "cpu" and backbone.dtype == torch.float32
+    assert backbone.is_xl == (name == "tiny-sdxl")
+
+
+def test_local_save_pretrained_folder_loads_with_dtype(tmp_path):
+    tiny_sd().save_pretrained(tmp_path / "pipe")
+    backbone = load_backbone(str(tmp_path / "pipe"), dtype="bfloat16", device="cpu")
+    assert backbone.dtype == torch.bfloat16
+    reference = tiny_sd()
+    assert torch.equal(backbone.unet.conv_in.weight, reference.unet.conv_in.weight.to(torch.bfloat16)), (
+        "the folder's weights, not fresh ones"
+    )
+
+
+def test_missing_model_is_one_line_error_that_says_what_to_do(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(UserError) as e:
+        load_backbone(str(missing), device="cpu")
+    message = str(e.value)
+    assert "\n" not in message
+    for hint in (str(missing), "HF_HOME", "HF_HUB_OFFLINE", "model.pretrained=/path/to/pipeline"):
+        assert hint in message
+
+
+def test_unsupported_pipeline_class_is_named(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(UserError, match="KandinskyPipeline; supported pipelines"):
+        load_backbone(str(tmp_path), device="cpu")
+
+
+def test_unknown_dtype_lists_choices():
+    with pytest.raises(UserError, match="float32, float16, bfloat16"):
+        load_backbone("tiny-sd", dtype="fp8")
