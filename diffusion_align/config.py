@@ -209,7 +209,12 @@ def _build(cls: type, data: Any, path: str, pick: bool = True) -> Any:
     hints, kwargs = _hints(cls), {}
     for key, value in data.items():
         if key not in fields:
-            hint = _did_you_mean(key, fields) or f"valid keys: {', '.join(fields)}"
+            close = difflib.get_close_matches(str(key), list(fields), n=3)
+            hint = (
+                f"did you mean {' or '.join(repr(_join(path, c)) for c in close)}?"
+                if close
+                else f"valid keys: {', '.join(fields)}"
+            )
             raise ConfigError(f"unknown config key '{_join(path, key)}'; {hint}")
         kwargs[key] = _coerce(value, hints[key], _join(path, key))
     for name, f in fields.items():
