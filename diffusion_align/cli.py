@@ -17,6 +17,7 @@ COMMANDS = {
     "train-artifact-head": "train_artifact_head",
     "score": "score",
     "zoo": "zoo",
+    "reno": "reno",
 }
 
 

@@ -1,0 +1,179 @@
+"""`diffusion-align reno --model M --prompt P --reward NAME[=WEIGHT] ...`: ReNO initial-noise optimisation.
+
+Writes OUT/best.png (best image by weighted reward), OUT/strip.png (images across iterations, captioned with
+their reward), OUT/history.json (per-iteration rewards, regulariser and gradient norm) and
+OUT/best_noise.safetensors; with --regenerate-steps also OUT/regenerated.png, with --best-of-n also
+OUT/best_of_n.png (the baseline at the same number of reward calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from diffusion_align.errors import UserError
+
+HELP = "Optimise the initial noise of a one/few-step model against differentiable rewards (ReNO)."
+
+_EPILOG = """\
+examples:
+  diffusion-align reno --model stabilityai/sd-turbo --prompt "a cat in a hat" --reward hpsv2=5 \\
+      --reward imagereward=1 --iterations 50 --dtype float16 --out reno_out
+  diffusion-align reno --model shapes --steps 2 --guidance 3 --prompt "one large red circle on a white \\
+      background" --reward shapes_color_soft --iterations 20 --best-of-n --out reno_shapes
+  diffusion-align reno --model shapes --steps 2 --guidance 3 --prompt "two small blue squares on a black \\
+      background" --reward clip --reward-arg clip.pretrained=shapes-clip --out reno_clip
+
+Reward weights default to ReNO's (hpsv2 5, imagereward 1, clip 0.01, pickscore 0.05; others 1).
+--scheduler auto uses the model's own scheduler (SD-Turbo: Euler ancestral, trailing spacing); DDIM-type
+schedulers go through the project's DDIM rollout. Bundled model names work as reward paths (shapes-clip).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _EPILOG
+    parser.add_argument(
+        "--model", required=True, help="built-in name (tiny-sd, shapes), local folder or hub id"
+    )
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument(
+        "--reward",
+        action="append",
+        required=True,
+        metavar="NAME[=WEIGHT]",
+        help="differentiable reward (repeat)",
+    )
+    parser.add_argument(
+        "--reward-arg", action="append", default=[], metavar="NAME.KEY=VALUE", help="reward loader argument"
+    )
+    parser.add_argument("--iterations", type=int, default=50, help="images generated and scored (default 50)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=1, help="denoising steps of the generator (default 1)")
+    parser.add_argument("--guidance", type=float, default=0.0, help="CFG scale; <= 1 disables (default 0)")
+    parser.add_argument(
+        "--scheduler", default="auto", help="auto, ddim, native, euler_ancestral, euler or lcm (default auto)"
+    )
+    parser.add_argument("--lr", type=float, default=5.0, help="learning rate (default 5)")
+    parser.add_argument(
+        "--optimizer", choices=("sgd", "adam"), default="sgd", help="sgd = Nesterov, momentum 0.9"
+    )
+    parser.add_argument("--grad-clip", type=float, default=0.1, help="gradient-norm clip (default 0.1)")
+    parser.add_argument("--reg-weight", type=float, default=0.01, help="noise-norm regulariser weight")
+    parser.add_argument(
+        "--regenerate-steps", type=int, help="also render the best noise with this many steps"
+    )
+    parser.add_argument("--regenerate-model", help="model for --regenerate-steps (default: --model)")
+    parser.add_argument(
+        "--best-of-n", action="store_true", help="also run best-of-N at the same reward calls"
+    )
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--vae-dtype", choices=("float32", "same"), default="float32", help="keep the VAE in fp32 (default)"
+    )
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute denoiser activations"
+    )
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+    parser.add_argument("--out", default="reno_out", help="output folder (default: reno_out)")
+
+
+def build_rewards(specs: list[str], reward_args: list[str], device) -> tuple[dict, dict[str, float]]:
+    """--reward/--reward-arg -> ({name: reward}, {name: weight}); a bare NAME gets ReNO's default weight."""
+    import rewards
+    from diffusion_align.commands.score import parse_reward_args, parse_reward_specs
+    from diffusion_align.reno import RENO_DEFAULT_WEIGHTS
+    from diffusion_align.zoo import BUNDLED
+
+    parsed = parse_reward_specs(specs)
+    explicit = {spec.partition("=")[0].strip() for spec in specs if "=" in spec}
+    weights = {n: w if n in explicit else RENO_DEFAULT_WEIGHTS.get(n, 1.0) for n, w in parsed}
+    kwargs = parse_reward_args(reward_args, list(weights))
+    for args in kwargs.values():
+        if args.get("pretrained") in BUNDLED:
+            args["pretrained"] = str(BUNDLED[args["pretrained"]])
+    return {n: rewards.build(n, **kwargs[n]).to(device) for n in weights}, weights
+
+
+def _load(name: str, args):
+    import torch
+
+    from diffusion_align.backbones import load_backbone
+
+    backbone = load_backbone(name, dtype=args.dtype, device=args.device)
+    # half-precision VAEs overflow (ReNO upcasts the SDXL/Hyper-SD VAE)
+    if args.vae_dtype == "float32" and backbone.vae.dtype != torch.float32:
+        backbone.vae.to(torch.float32)
+    return backbone
+
+
+def run(args) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from diffusion_align.images import save_grid, save_images
+    from diffusion_align.reno import reno, require_differentiable
+
+    if args.iterations < 1:
+        raise UserError("--iterations must be at least 1")
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    backbone = _load(args.model, args)
+    rewards, weights = build_rewards(args.reward, args.reward_arg, backbone.device)
+    require_differentiable(rewards)  # before any generation
+    if args.gradient_checkpointing:
+        backbone.enable_memory_options(gradient_checkpointing=True)
+    regen = _load(args.regenerate_model, args) if args.regenerate_model else None
+    common = dict(
+        num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler,
+        negative_prompt=args.negative_prompt,
+    )  # fmt: skip
+    result = reno(
+        backbone, rewards, args.prompt, weights, iterations=args.iterations, lr=args.lr,
+        optimizer=args.optimizer, grad_clip=args.grad_clip, reg_weight=args.reg_weight,
+        regenerate_steps=args.regenerate_steps, regenerate_backbone=regen, **common,
+    )  # fmt: skip
+
+    out = Path(args.out)
+    save_images(result.best_image[None], out, ["best"])
+    captions = [f"it {i}: {result.history[i]['reward']:.4g}" for i in result.strip_iterations]
+    save_grid(result.strip, out / "strip.png", captions=captions, cols=len(captions))
+    save_file({"z": result.best_noise.contiguous().cpu()}, str(out / "best_noise.safetensors"))
+    report = {
+        "prompt": args.prompt,
+        "model": args.model,
+        "seed": args.seed,
+        "weights": weights,
+        "settings": {
+            k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "lr", "optimizer", "dtype")
+        },
+        "reward_calls": result.reward_calls,
+        "initial_reward": result.initial_reward,
+        "best_reward": result.best_reward,
+        "best_iteration": result.best_iteration,
+        "history": result.history,
+    }
+    if result.regenerated is not None:
+        save_images(result.regenerated[None], out, ["regenerated"])
+        report["regenerated"] = {"steps": args.regenerate_steps, "rewards": result.regenerated_rewards}
+    if args.best_of_n:
+        from diffusion_align.search import best_of_n
+
+        with torch.no_grad():
+            bon = best_of_n(backbone, rewards, args.prompt, result.reward_calls, weights, **common)
+        save_images(bon.best_image[None], out, ["best_of_n"])
+        report["best_of_n"] = {
+            "n": bon.reward_calls,
+            "best_reward": bon.best_reward,
+            "best_seed": bon.best_seed,
+        }
+    (out / "history.json").write_text(json.dumps(report, indent=1))
+    line = f"reward {result.initial_reward:.4g} -> best {result.best_reward:.4g} (it {result.best_iteration})"
+    if args.best_of_n:
+        line += f"; best-of-{bon.reward_calls}: {bon.best_reward:.4g}"
+    print(f"{line}; wrote best.png, strip.png, history.json to {out}")
+    return 0
