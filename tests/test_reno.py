@@ -1,5 +1,5 @@
-"""ReNO: the chi-norm regulariser, gradient to the noise through few-step schedulers, reward improvement on the
-bundled shapes model, determinism, best-by-reward bookkeeping, the CLI's outputs and non-differentiable rewards."""
+"""ReNO: the chi-norm regulariser, gradient to the noise through few-step schedulers, reward gain on the
+bundled shapes model, determinism, best-by-reward bookkeeping, CLI outputs, non-differentiable rewards."""
 
 import json
 import math
@@ -94,7 +94,8 @@ def test_deterministic_for_a_seed_and_history_bookkeeping(sd, soft):
     assert a.history == b.history and torch.equal(a.best_noise, b.best_noise)
     assert a.history[0]["reward"] != c.history[0]["reward"]
     assert a.reward_calls == len(a.history) == 4
-    assert [h["grad_norm"] is None for h in a.history] == [False, False, False, True]  # no step after the last
+    # no optimiser step after the last evaluation
+    assert [h["grad_norm"] is None for h in a.history] == [False, False, False, True]
     d = a.best_noise.numel()
     for h in a.history:
         expected = 0.01 * (0.5 * h["z_norm"] ** 2 - (d - 1) * math.log(h["z_norm"]))
@@ -108,7 +109,8 @@ def test_weighted_rewards_checkpointing_and_adam(sd, soft):
     kwargs = dict(weights={"soft": 2.0, "sharp": 0.5}, iterations=3, num_steps=2, progress=False)
     plain = reno(backbone, mix, PROMPT, **kwargs)
     for h in plain.history:
-        assert h["reward"] == pytest.approx(2.0 * h["rewards"]["soft"] + 0.5 * h["rewards"]["sharp"], rel=1e-5)
+        weighted = 2.0 * h["rewards"]["soft"] + 0.5 * h["rewards"]["sharp"]
+        assert h["reward"] == pytest.approx(weighted, rel=1e-5)
     checkpointed = reno(backbone, mix, PROMPT, checkpoint=True, **kwargs)
     for p, c in zip(plain.history, checkpointed.history, strict=True):
         assert c["reward"] == pytest.approx(p["reward"], rel=1e-5)
@@ -125,7 +127,8 @@ def test_non_differentiable_reward_is_rejected_by_name(sd, soft):
 def test_cli_writes_best_strip_history(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["reno", "--model", "tiny-sd", "--prompt", PROMPT, "--reward", "shapes_color_soft=2",
-                 "--iterations", "3", "--seed", "1", "--regenerate-steps", "2", "--best-of-n", "--out", str(out)])  # fmt: skip
+                 "--iterations", "3", "--seed", "1", "--regenerate-steps", "2", "--best-of-n",
+                 "--out", str(out)])  # fmt: skip
     assert code == 0
     assert {"best.png", "strip.png", "history.json", "regenerated.png", "best_of_n.png"} <= {
         p.name for p in out.iterdir()
