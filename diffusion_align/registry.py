@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from diffusion_align.backbones import load_backbone
+from diffusion_align.errors import UserError
 from diffusion_align.policy import Policy
 from diffusion_align.samplers import DDIMSampler
-from diffusion_align.settings import LoraSettings, ModelSettings, SampleSettings
+from diffusion_align.settings import LoraSettings, ModelSettings, RewardSettings, SampleSettings
 
 
 def build_backbone(model: ModelSettings):
@@ -26,3 +27,59 @@ def build_sampler(backbone, sample: SampleSettings) -> DDIMSampler:
 def build_policy(backbone, sample: SampleSettings, lora: LoraSettings) -> Policy:
     sampler = build_sampler(backbone, sample)
     return Policy(backbone, sampler, lora.rank, lora.alpha, lora.dropout, tuple(lora.target_modules))
+
+
+class RewardFunction:
+    """`(images (B,3,H,W) in [0,1], prompts) -> (total (B,) float32, {name: raw (B,) scores})`.
+
+    A weighted sum (`rewards.combine.Combined`) of the configured rewards. `differentiable` is True only if
+    every component is (the total is detached otherwise). `raw_total` is the weighted sum of raw components
+    without the running normalisation, so evaluation never changes normaliser state and stays comparable.
+    """
+
+    def __init__(self, combined, weights: dict[str, float]):
+        self.combined, self.weights = combined, weights
+        self.differentiable = combined.differentiable
+        self.names = list(weights)
+
+    def __call__(self, images, prompts):
+        return self.combined.score(images, prompts)
+
+    def components(self, images, prompts) -> dict:
+        """Raw scores of every component, {name: (B,) float32}; no normaliser update."""
+        return {name: r(images, prompts).float() for name, r in self.combined.rewards.items()}
+
+    def raw_total(self, components: dict):
+        return sum(self.weights[name] * components[name] for name in self.names)
+
+    def state_dict(self) -> dict:
+        """Running normaliser statistics (checkpointed so a resumed run normalises exactly the same)."""
+        return self.combined.normalizers.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.combined.normalizers.load_state_dict(state)
+
+
+def build_reward(rewards_settings: list[RewardSettings], device=None) -> RewardFunction:
+    """The configured rewards as one weighted sum; component names are the reward names (`name_2`, ... when a
+    reward appears twice, e.g. with different args)."""
+    import rewards as rewards_lib
+    from rewards.combine import Combined
+
+    if not rewards_settings:
+        raise UserError(
+            "no rewards configured: add at least one entry under `rewards:` (e.g. name: jpeg_compressibility)"
+        )
+    models, weights, normalize = {}, {}, {}
+    for settings in rewards_settings:
+        name, n = settings.name.rsplit(":", 1)[-1].rsplit(".", 1)[-1], 2
+        key = name
+        while key in models:
+            key, n = f"{name}_{n}", n + 1
+        models[key] = rewards_lib.build(settings.name, **settings.args)
+        weights[key] = float(settings.weight)
+        normalize[key] = "running" if settings.normalize else None
+    combined = Combined(models, weights, normalize)
+    if device is not None:
+        combined.to(device)
+    return RewardFunction(combined, weights)
