@@ -14,6 +14,7 @@ from diffusion_align.errors import UserError
 # command name -> module under diffusion_align.commands
 COMMANDS = {
     "sample": "sample",
+    "train": "train",
     "train-artifact-head": "train_artifact_head",
     "score": "score",
     "zoo": "zoo",
