@@ -1,0 +1,215 @@
+"""ReNO: time per iteration against a bare forward+backward, and ReNO against best-of-N at equal reward calls.
+
+1. Speed. "bare" is the lower bound of one ReNO iteration: the UNet called directly, the scheduler's step,
+   the VAE decode, the reward and one backward to z, nothing else. "reno" is `diffusion_align.reno.reno` (the
+   generator wrappers, regulariser, clipping, optimiser step, history and best-image bookkeeping), timed over
+   `--iters` iterations including its set-up, divided by the iterations. ratio = reno / bare (target <= 1.10).
+   Calls alternate so background load hits both alike; the median of the repeats is reported.
+   Models: tiny-sd (1 Euler-ancestral step, trailing), the bundled shapes model (2 DDIM steps, CFG 3) and,
+   with --only turbo, an SD-Turbo-size UNet (SD 2.1 architecture, random weights) at a small latent.
+2. Quality. On the bundled shapes model, ReNO with N iterations against best-of-N (same seeds, steps,
+   guidance; N reward calls each), over held-out prompts x seeds: mean best differentiable reward, and the
+   detector-based shapes_match / shapes_color of the chosen images (not optimised, so it shows transfer).
+
+    python benchmarks/bench_reno.py                       # speed (tiny, shapes) + quality
+    python benchmarks/bench_reno.py --only turbo          # SD-Turbo-size UNet on CPU (a few minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import rewards  # noqa: E402
+from diffusion_align.backbones import StableDiffusionBackbone, load_backbone  # noqa: E402
+from diffusion_align.few_step import draw_noise  # noqa: E402
+from diffusion_align.reno import reno  # noqa: E402
+from diffusion_align.search import best_of_n  # noqa: E402
+from diffusion_align.zoo.shapes_data import heldout_prompts  # noqa: E402
+
+PROMPT = "one large red circle on a white background"
+# The UNet of SD-Turbo (= SD 2.1 base, stabilityai/sd-turbo unet/config.json), random weights.
+SD_TURBO_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+)
+
+
+def build(kind: str):
+    """(backbone, steps, guidance) for a speed case."""
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
+
+    if kind == "shapes":
+        return load_backbone("shapes", device="cpu"), 2, 3.0
+    from diffusion_align.testing import tiny_sd
+
+    pipe = tiny_sd()
+    if kind == "turbo":
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        torch.manual_seed(0)
+        pipe.register_modules(unet=UNet2DConditionModel(**{**SD_TURBO_UNET, "sample_size": 8}).eval())
+        text = pipe.text_encoder.config.to_dict()
+        text.update(hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8)
+        pipe.register_modules(text_encoder=CLIPTextModel(CLIPTextConfig(**text)).eval())
+    config = DDIMScheduler.from_config(pipe.scheduler.config).config
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+    return StableDiffusionBackbone(pipe), 1, 0.0
+
+
+def bare_iteration(backbone, scheduler, hidden, z, steps: int, guidance: float, reward, prompts):
+    """One forward+backward through UNet, scheduler step, VAE decode and reward, and nothing else."""
+    z = z.detach().requires_grad_()
+    scheduler.set_timesteps(steps)
+    x = z * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        if guidance > 1:
+            out = backbone.unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=hidden, return_dict=False)[
+                0
+            ]
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        else:
+            out = backbone.unet(x_in, t, encoder_hidden_states=hidden, return_dict=False)[0]
+        x = scheduler.step(out, t, x, generator=torch.Generator().manual_seed(0), return_dict=False)[0]
+    images = (
+        backbone.vae.decode(x / backbone.vae.config.scaling_factor, return_dict=False)[0] / 2 + 0.5
+    ).clamp(0, 1)
+    reward(images, prompts).sum().backward()
+    return z.grad
+
+
+def speed(kind: str, iters: int, repeats: int) -> dict:
+    backbone, steps, guidance = build(kind)
+    reward = rewards.build("shapes_color_soft")
+    if steps > 1:  # the DDIM path: the same scheduler math as DDIMSampler, driven by diffusers' own step
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(backbone.scheduler.config)
+    else:
+        scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
+    embeds = backbone.encode_prompts([PROMPT], guidance=guidance > 1)
+    hidden = torch.cat([embeds.uncond, embeds.cond]) if guidance > 1 else embeds.cond
+    z = draw_noise(backbone, [0])
+
+    def ours():
+        reno(
+            backbone,
+            reward,
+            PROMPT,
+            iterations=iters,
+            num_steps=steps,
+            guidance_scale=guidance,
+            progress=False,
+        )
+
+    def bare():
+        for _ in range(iters):
+            bare_iteration(backbone, scheduler, hidden, z, steps, guidance, reward, [PROMPT])
+
+    times = {"reno": [], "bare": []}
+    ours(), bare()  # warm-up
+    for _ in range(repeats):
+        for name, fn in (("reno", ours), ("bare", bare)):
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) / iters)
+    r, b = statistics.median(times["reno"]), statistics.median(times["bare"])
+    latent = z.shape[-1]
+    return {"model": kind, "latent": latent, "steps": steps, "reno_s": r, "bare_s": b, "ratio": r / b}
+
+
+def quality(n_prompts: int, seeds: int, budget: int, reward_name: str) -> dict:
+    backbone = load_backbone("shapes", device="cpu")
+    if reward_name == "clip":
+        from diffusion_align.zoo import bundled_path
+
+        reward = {"clip": rewards.build("clip", pretrained=str(bundled_path("shapes-clip")))}
+    else:
+        reward = {reward_name: rewards.build(reward_name)}
+    judges = {"shapes_match": rewards.build("shapes_match"), "shapes_color": rewards.build("shapes_color")}
+    rows = {"initial": [], "reno": [], "best_of_n": []}
+    judged = {k: {j: [] for j in judges} for k in rows}
+    common = dict(num_steps=2, guidance_scale=3.0, progress=False)
+    for prompt in heldout_prompts(n_prompts):
+        for seed in range(seeds):
+            # seeds s, s+1, ... for best-of-N: its first candidate is ReNO's starting image
+            s = seed * budget
+            r = reno(backbone, reward, prompt, iterations=budget, seed=s, **common)
+            b = best_of_n(backbone, reward, prompt, r.reward_calls, seed=s, **common)
+            first = r.strip[0]
+            for key, value, image in (
+                ("initial", r.initial_reward, first),
+                ("reno", r.best_reward, r.best_image),
+                ("best_of_n", b.best_reward, b.best_image),
+            ):
+                rows[key].append(value)
+                for j, judge in judges.items():
+                    judged[key][j].append(float(judge(image[None], [prompt])))
+    return {
+        k: {"reward": statistics.mean(v), **{j: statistics.mean(judged[k][j]) for j in judges}}
+        for k, v in rows.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["tiny", "shapes", "turbo", "quality"], nargs="*",
+                        default=["tiny", "shapes", "quality"])  # fmt: skip
+    parser.add_argument("--iters", type=int, default=10, help="ReNO iterations per timed call")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=6, help="held-out prompts in the quality comparison")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--budget", type=int, default=20, help="reward calls per method (ReNO iterations = N)"
+    )
+    parser.add_argument(
+        "--reward", default="shapes_color_soft", help="shapes_color_soft or clip (shapes-clip)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    speeds = [k for k in args.only if k != "quality"]
+    if speeds:
+        print(f"{'model':7} {'latent':>6} {'steps':>5} {'reno s/it':>10} {'bare s/it':>10} {'ratio':>6}")
+    for kind in speeds:
+        repeats = 2 if kind == "turbo" else args.repeats
+        m = speed(kind, 2 if kind == "turbo" else args.iters, repeats)
+        print(
+            f"{m['model']:7} {m['latent']:>6} {m['steps']:>5} {m['reno_s']:>10.4f} {m['bare_s']:>10.4f} "
+            f"{m['ratio']:>6.3f}"
+        )
+    if "quality" in args.only:
+        q = quality(args.prompts, args.seeds, args.budget, args.reward)
+        n = args.prompts * args.seeds
+        print(
+            f"\nshapes model, 2 DDIM steps, CFG 3; {args.reward}; {n} prompt x seed runs; N = {args.budget}"
+        )
+        print(f"{'method':18} {'mean best reward':>17} {'shapes_match':>13} {'shapes_color':>13}")
+        for name, label in (("initial", "single sample"), ("best_of_n", f"best-of-{args.budget}"),
+                            ("reno", f"ReNO {args.budget} it")):  # fmt: skip
+            row = q[name]
+            print(
+                f"{label:18} {row['reward']:>17.4f} {row['shapes_match']:>13.4f} {row['shapes_color']:>13.4f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
