@@ -23,6 +23,7 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -96,9 +97,10 @@ class Trainer:
             raise UserError("no strategy configured: add `strategy: ddpo` (or d3po, alignprop, draft, prdp)")
         self.config = config
         t, ck = config.train, config.checkpoint
-        self.accelerator = Accelerator(
-            mixed_precision=t.mixed_precision, cpu=config.model.device == "cpu" or None
-        )
+        # Processes started by torchrun on a machine without CUDA form a CPU (gloo) group only with cpu=True.
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        cpu = config.model.device == "cpu" or (launched and not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu)
         acc = self.accelerator
         kind = str(acc.distributed_type).split(".")[-1]
         if kind not in SUPPORTED_DISTRIBUTED:
@@ -406,7 +408,10 @@ class Trainer:
             captions = [f"{p} [{r:.3g}]" for p, r in zip(self.eval_prompts, total.tolist(), strict=True)]
             path = save_grid(images, self.run_dir / "samples" / f"{name}.png", captions=captions)
             self.tracker_image(f"samples/{name}", path)
-        self.accelerator.wait_for_everyone()
+        if self.world > 1:  # every process returns (and checkpoints) the same numbers
+            from accelerate.utils import broadcast_object_list
+
+            result = broadcast_object_list([result], from_process=0)[0]
         return result
 
     def tracker_image(self, tag: str, path: Path) -> None:

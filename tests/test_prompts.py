@@ -1,0 +1,54 @@
+"""Prompt sources: built-in lists, .txt and .jsonl files, and one-line errors for bad input."""
+
+import pytest
+
+from diffusion_align.errors import UserError
+from diffusion_align.prompts import BUILTIN, load_prompt_records, load_prompts
+from rewards.shapes import parse_caption
+
+
+def test_builtin_lists():
+    train, heldout = load_prompts("shapes_train"), load_prompts("shapes_heldout")
+    assert len(train) > 100 and len(heldout) == 48
+    assert not set(train) & set(heldout)  # held-out combinations never appear in training
+    for caption in train[:5] + heldout[:5]:
+        parse_caption(caption)  # the shapes rewards can read every caption
+    animals = load_prompts("simple_animals")
+    assert len(animals) == len(set(animals)) == 45
+    assert set(BUILTIN) >= {"shapes_train", "shapes_heldout", "simple_animals"}
+
+
+def test_txt_file_skips_blank_lines_and_comments(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# my prompts\na cat\n\n  a dog on a sofa  \n")
+    assert load_prompts(path) == ["a cat", "a dog on a sofa"]
+
+
+def test_jsonl_keeps_metadata(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a cat", "tag": "animal"}\n\n{"prompt": "a red car", "id": 7}\n')
+    assert load_prompt_records(path) == [{"prompt": "a cat", "tag": "animal"}, {"prompt": "a red car", "id": 7}]
+    assert load_prompts(path) == ["a cat", "a red car"]
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("empty.txt", "\n# only a comment\n", "has no prompts"),
+        ("bad.jsonl", '{"prompt": "ok"}\nnot json\n', r"bad.jsonl:2: not valid JSON"),
+        ("nokey.jsonl", '{"text": "a cat"}\n', 'expected an object with a "prompt" string'),
+        ("p.csv", "a cat\n", "unknown extension"),
+    ],
+)
+def test_bad_files_give_one_line_errors(tmp_path, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(UserError, match=match) as info:
+        load_prompts(path)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_source_names_builtins_and_path(tmp_path):
+    with pytest.raises(UserError, match="neither a built-in list") as info:
+        load_prompts(tmp_path / "missing.txt")
+    assert "shapes_train" in str(info.value) and "missing.txt" in str(info.value)
