@@ -7,8 +7,9 @@
    Calls alternate so background load hits both alike; the median of the repeats is reported.
    Models: tiny-sd (1 Euler-ancestral step, trailing), the bundled shapes model (2 DDIM steps, CFG 3) and,
    with --only turbo, an SD-Turbo-size UNet (SD 2.1 architecture, random weights) at a small latent.
-2. Quality. On the bundled shapes model, ReNO with N iterations against best-of-N (same seeds, steps,
-   guidance; N reward calls each), over held-out prompts x seeds: mean best differentiable reward, and the
+2. Quality. On the bundled shapes model, ReNO with N iterations against best-of-N and FK steering (N/2
+   particles, max potential, lambda 10, resampling at both steps; same seeds, steps, guidance; N reward
+   calls each), over held-out prompts x seeds: mean best differentiable reward, and the
    detector-based shapes_match / shapes_color of the chosen images (not optimised, so it shows transfer).
 
     python benchmarks/bench_reno.py                       # speed (tiny, shapes) + quality
@@ -31,7 +32,7 @@ import rewards  # noqa: E402
 from diffusion_align.backbones import StableDiffusionBackbone, load_backbone  # noqa: E402
 from diffusion_align.few_step import draw_noise  # noqa: E402
 from diffusion_align.reno import reno  # noqa: E402
-from diffusion_align.search import best_of_n  # noqa: E402
+from diffusion_align.search import best_of_n, fk_steering  # noqa: E402
 from diffusion_align.zoo.shapes_data import heldout_prompts  # noqa: E402
 
 PROMPT = "one large red circle on a white background"
@@ -145,7 +146,7 @@ def quality(n_prompts: int, seeds: int, budget: int, reward_name: str) -> dict:
     else:
         reward = {reward_name: rewards.build(reward_name)}
     judges = {"shapes_match": rewards.build("shapes_match"), "shapes_color": rewards.build("shapes_color")}
-    rows = {"initial": [], "reno": [], "best_of_n": []}
+    rows = {"initial": [], "reno": [], "best_of_n": [], "fk": []}
     judged = {k: {j: [] for j in judges} for k in rows}
     common = dict(num_steps=2, guidance_scale=3.0, progress=False)
     for prompt in heldout_prompts(n_prompts):
@@ -154,11 +155,15 @@ def quality(n_prompts: int, seeds: int, budget: int, reward_name: str) -> dict:
             s = seed * budget
             r = reno(backbone, reward, prompt, iterations=budget, seed=s, **common)
             b = best_of_n(backbone, reward, prompt, r.reward_calls, seed=s, **common)
+            # FK on the same 2-step chain: budget/2 particles scored at both steps = the same reward calls
+            f = fk_steering(backbone, reward, prompt, num_particles=budget // 2, seed=s, **common)
+            assert f.reward_calls == r.reward_calls == b.reward_calls
             first = r.strip[0]
             for key, value, image in (
                 ("initial", r.initial_reward, first),
                 ("reno", r.best_reward, r.best_image),
                 ("best_of_n", b.best_reward, b.best_image),
+                ("fk", f.best_reward, f.best_image),
             ):
                 rows[key].append(value)
                 for j, judge in judges.items():
@@ -203,8 +208,9 @@ def main() -> None:
             f"\nshapes model, 2 DDIM steps, CFG 3; {args.reward}; {n} prompt x seed runs; N = {args.budget}"
         )
         print(f"{'method':18} {'mean best reward':>17} {'shapes_match':>13} {'shapes_color':>13}")
-        for name, label in (("initial", "single sample"), ("best_of_n", f"best-of-{args.budget}"),
-                            ("reno", f"ReNO {args.budget} it")):  # fmt: skip
+        labels = {"initial": "single sample", "best_of_n": f"best-of-{args.budget}",
+                  "fk": f"FK {args.budget // 2} particles", "reno": f"ReNO {args.budget} it"}  # fmt: skip
+        for name, label in labels.items():
             row = q[name]
             print(
                 f"{label:18} {row['reward']:>17.4f} {row['shapes_match']:>13.4f} {row['shapes_color']:>13.4f}"
