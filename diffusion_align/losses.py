@@ -1,0 +1,146 @@
+"""The fine-tuning objectives as pure tensor math (no models): each returns per-element losses and the
+statistics worth logging. Log-probs follow the DDPO convention (mean over latent dims, see samplers.py).
+
+Formulas (anchors §2):
+- PPO-clip (DDPO): ratio = exp(logp - logp_old); loss = max(-A * ratio, -A * clip(ratio, 1 - e, 1 + e)).
+- D3PO: r_k = clamp(exp(logp_k - logp_ref_k), 1 - e, 1 + e) *inside* the sigmoid (clamped steps get no
+  gradient); loss = -log sigmoid(beta * log r_win - beta * log r_lose).
+- PRDP: per-step log-ratios h_t = logp_theta - logp_ref, proximally clipped to h_old_t +- e; trajectory value
+  h = mean_t h_t; pair loss = max((h_a - h_b - (r_a - r_b) / beta)^2, same with clipped h).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:
+    """Advantages clamped to [-max_abs, max_abs] (DDPO adv_clip_max = 5)."""
+    return advantages.clamp(-max_abs, max_abs)
+
+
+def ppo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float):
+    """PPO clipped surrogate per sample.
+
+    log_prob: (B,) under the current policy (with gradient); old_log_prob, advantages: (B,) detached.
+    Returns (loss (B,), ratio (B,), approx_kl (scalar) = 0.5 * mean(dlogp^2), clip_fraction (scalar)).
+    """
+    delta = log_prob - old_log_prob.detach()
+    ratio = torch.exp(delta)
+    advantages = advantages.detach()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped)
+    approx_kl = 0.5 * (delta.detach() ** 2).mean()
+    clip_fraction = ((ratio.detach() - 1.0).abs() > clip_range).float().mean()
+    return loss, ratio, approx_kl, clip_fraction
+
+
+def d3po_loss(
+    log_prob_win: Tensor,
+    ref_log_prob_win: Tensor,
+    log_prob_lose: Tensor,
+    ref_log_prob_lose: Tensor,
+    beta: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """D3PO loss per pair at one denoising step (all inputs (P,)); the reference log-probs are detached.
+
+    Returns (loss (P,), implicit accuracy (P,) = 1 where the winner's clamped log-ratio exceeds the loser's).
+    """
+    lo, hi = 1.0 - eps, 1.0 + eps
+    ratio_w = torch.exp(log_prob_win - ref_log_prob_win.detach()).clamp(lo, hi)
+    ratio_l = torch.exp(log_prob_lose - ref_log_prob_lose.detach()).clamp(lo, hi)
+    inside = beta * torch.log(ratio_w) - beta * torch.log(ratio_l)
+    return -torch.nn.functional.logsigmoid(inside), (inside.detach() > 0).float()
+
+
+def preference_pairs(rewards: Tensor) -> tuple[Tensor, Tensor]:
+    """Pareto preference between pair members. rewards: (P, 2, K) (K reward components, higher is better).
+
+    Returns (winner index (P,) in {0, 1} as int64, decisive (P,) bool). A member wins if it is >= on every
+    component and > on at least one; ties and incomparable pairs are not decisive (D3PO drops them).
+    """
+    a, b = rewards[:, 0], rewards[:, 1]
+    a_dominates = (a >= b).all(-1) & (a > b).any(-1)
+    b_dominates = (b >= a).all(-1) & (b > a).any(-1)
+    return b_dominates.long(), a_dominates | b_dominates
+
+
+def prdp_loss(
+    log_ratio: Tensor,
+    old_log_ratio: Tensor,
+    rewards: Tensor,
+    first: Tensor,
+    second: Tensor,
+    beta: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """PRDP reward-difference regression with proximal clipping, per pair.
+
+    log_ratio: (N, T) per-step log(pi_theta / pi_ref) of N trajectories (with gradient); old_log_ratio: (N, T)
+    the same under theta_old (detached); rewards: (N,); first, second: (P,) int64 indices of the pairs.
+    Returns (loss (P,), clipped (N, T) bool: where h_t left h_old_t +- eps).
+    """
+    old = old_log_ratio.detach()
+    clipped_ratio = torch.maximum(torch.minimum(log_ratio, old + eps), old - eps)
+    h = log_ratio.mean(-1)
+    h_clipped = clipped_ratio.mean(-1)
+    target = (rewards[first] - rewards[second]).detach() / beta
+    unclipped = (h[first] - h[second] - target) ** 2
+    clipped = (h_clipped[first] - h_clipped[second] - target) ** 2
+    return torch.maximum(unclipped, clipped), (log_ratio.detach() - old).abs() > eps
+
+
+def group_pairs(group_ids: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
+    """All pairs i < j within each group whose rewards differ, oriented winner first (PRDP's mask
+    `reward_diffs > 0`: ties carry no signal). group_ids, rewards: (N,). Returns (first (P,), second (P,))."""
+    n = group_ids.numel()
+    i, j = torch.triu_indices(n, n, offset=1, device=group_ids.device)
+    keep = (group_ids[i] == group_ids[j]) & (rewards[i] != rewards[j])
+    i, j = i[keep], j[keep]
+    swap = rewards[j] > rewards[i]
+    return torch.where(swap, j, i), torch.where(swap, i, j)
+
+
+def gaussian_kl_step(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
+    """KL(pi_theta || pi_ref) of one Gaussian transition with shared std, mean over latent dims, (B,)."""
+    kl = (mean.float() - ref_mean.float().detach()) ** 2 / (2 * std.float() ** 2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def sample_truncation(
+    num_steps: int,
+    kind: str = "gaussian",
+    mean: float = 42.0,
+    std: float = 5.0,
+    low: int = 0,
+    high: int = 50,
+    fixed: int = 49,
+    generator: torch.Generator | None = None,
+) -> int:
+    """AlignProp's backprop cut (official sd_pipeline): one index `cut`; steps cut..num_steps-1 (a contiguous
+    tail, ~num_steps - cut steps) keep gradient, earlier denoiser outputs are detached.
+
+    gaussian: int(N(mean, std)); uniform: an integer in [low, high); fixed: `fixed`. Redrawn until it lies in
+    [1, num_steps) (the official rejection loop). Defaults are the published 50-step values.
+    """
+    if num_steps < 2:
+        raise ValueError("AlignProp truncation needs at least 2 denoising steps")
+    if kind == "fixed":
+        if not 1 <= fixed < num_steps:
+            raise ValueError(f"fixed truncation {fixed} is outside [1, {num_steps})")
+        return int(fixed)
+    for _ in range(10_000):
+        if kind == "gaussian":
+            cut = int(mean + std * torch.randn((), generator=generator).item())
+        elif kind == "uniform":
+            cut = int(torch.randint(low, high, (), generator=generator).item())
+        else:
+            raise ValueError(f"unknown truncation kind {kind!r}: gaussian, uniform or fixed")
+        if 1 <= cut < num_steps:
+            return cut
+    raise ValueError(
+        f"truncation {kind} (mean={mean}, std={std}, low={low}, high={high}) never lands in [1, {num_steps})"
+    )

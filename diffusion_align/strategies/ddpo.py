@@ -1,0 +1,223 @@
+"""DDPO (Black et al. 2023), the PPO-clipped importance-sampling variant of ddpo-pytorch (anchors §2.1).
+
+collect: DDIM-eta rollouts with stored per-step log-probs (no grad), rewards, advantages from the per-prompt
+stat tracker over the global batch (batch statistics until a prompt has `stat_min_count` rewards), clipped.
+plan: each sample trains on the first `timestep_fraction` of its own random permutation of steps; one
+optimizer step = `batch_size` samples through all their trained steps (ddpo-pytorch's accumulation).
+loss: PPO-clip on the per-step ratio, CFG recomputed at the sampling scale, optional KL to the base model.
+
+The sampling helpers at the bottom are shared by the other likelihood-based strategies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffusion_align.backbones.stable_diffusion import PromptEmbeds
+from diffusion_align.distributed import LocalGroup
+from diffusion_align.losses import clip_advantages, gaussian_kl_step, ppo_clip_loss
+from diffusion_align.rollout import rollout
+from diffusion_align.samplers import gaussian_log_prob
+from diffusion_align.stat_tracking import PerPromptStatTracker
+
+
+@dataclass
+class DDPOConfig:
+    clip_range: float = 1e-4  # PPO ratio clip (per latent dim, log-probs are means over dims)
+    adv_clip_max: float = 5.0  # advantages clamped to +-this
+    num_inner_epochs: int = 1  # passes over each collected batch
+    timestep_fraction: float = 1.0  # share of each trajectory's steps that are trained (random per sample)
+    per_prompt_stat_tracking: bool = True  # normalise rewards per prompt (else over the global batch)
+    stat_buffer_size: int = 16  # rewards kept per prompt
+    stat_min_count: int = 16  # per-prompt stats only once a prompt has this many rewards
+    beta: float = 0.0  # weight of KL(policy || base model) per step; 0 = the published DDPO
+
+
+class DDPO:
+    def __init__(self, config: DDPOConfig, policy, reward, sample, group=None):
+        if sample.eta <= 0:
+            raise ValueError("DDPO needs sample.eta > 0 (with eta = 0 the transition log-prob is undefined)")
+        if not 0 < config.timestep_fraction <= 1:
+            raise ValueError(f"timestep_fraction={config.timestep_fraction} must be in (0, 1]")
+        self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
+        self.group = group or LocalGroup()
+        self.num_inner_epochs = config.num_inner_epochs
+        self.tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
+
+    # --- collect -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self, prompts: list[str], generator) -> dict:
+        batch = sample_batch(self.policy, self.reward, self.sample, prompts, generator)
+        rewards = self.group.gather(batch["reward"].float())
+        every_prompt = self.group.gather_object(list(prompts))
+        if self.config.per_prompt_stat_tracking:
+            adv, per_prompt = self.tracker.update(every_prompt, rewards.cpu().numpy())
+            adv = torch.from_numpy(adv).to(rewards.device)
+        else:
+            adv, per_prompt = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6), 0.0
+        adv = clip_advantages(self.group.local(adv), self.config.adv_clip_max)
+        batch["advantages"] = adv
+        batch["metrics"].update(
+            {
+                "advantage/mean": adv.mean().item(),
+                "advantage/std": adv.std().item() if adv.numel() > 1 else 0.0,
+                "advantage/abs_mean": adv.abs().mean().item(),
+                "advantage/per_prompt_fraction": float(per_prompt),
+            }
+        )
+        return batch
+
+    # --- plan ----------------------------------------------------------------------------------------
+    def plan(self, batch: dict, batch_size: int, micro_batch_size: int, generator) -> list[list[dict]]:
+        n, num_steps = batch["log_probs"].shape
+        trained = max(1, int(num_steps * self.config.timestep_fraction))
+        order = torch.randperm(n, generator=generator)
+        step_order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(n)])[
+            :, :trained
+        ]
+        plan = []
+        for rows in step_rows(order, batch_size):
+            micros = []
+            for m in range(0, len(rows), micro_batch_size):
+                r = rows[m : m + micro_batch_size]
+                for j in range(trained):  # ddpo-pytorch: inner loop over the sample's shuffled steps
+                    micros.append(
+                        {
+                            "batch": batch,
+                            "rows": r,
+                            "steps": step_order[r, j],
+                            "weight": len(r) / (len(rows) * trained),
+                        }
+                    )
+            plan.append(micros)
+        return plan
+
+    # --- loss ----------------------------------------------------------------------------------------
+    def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
+        cfg, s, batch = self.config, self.sample, micro["batch"]
+        x_t, x_prev, t, embeds = transition_inputs(batch, micro["rows"], micro["steps"])
+        mean, std = self.policy.transition(x_t, t, embeds, s.guidance_scale, s.num_steps)
+        log_prob = gaussian_log_prob(x_prev, mean, std)
+        rows, steps = _on(micro["rows"], x_t), _on(micro["steps"], x_t)
+        old = batch["log_probs"][rows, steps]
+        per_sample, ratio, approx_kl, clip_fraction = ppo_clip_loss(
+            log_prob, old, batch["advantages"][rows], cfg.clip_range
+        )
+        loss = per_sample.mean()
+        metrics = {
+            "policy_loss": loss.item(),
+            "approx_kl": approx_kl.item(),
+            "clip_fraction": clip_fraction.item(),
+            "ratio_max_deviation": (ratio.detach() - 1).abs().max().item(),
+        }
+        if cfg.beta > 0:
+            with torch.no_grad(), self.policy.reference():
+                ref_mean, _ = self.policy.transition(x_t, t, embeds, s.guidance_scale, s.num_steps)
+            kl = gaussian_kl_step(mean, ref_mean, std).mean()
+            loss = loss + cfg.beta * kl
+            metrics["kl"] = kl.item()
+        return loss, metrics
+
+    def state_dict(self) -> dict:
+        return {"tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+
+
+# --- shared sampling glue ----------------------------------------------------------------------------
+def per_sample_generators(generator, n: int, device) -> list[torch.Generator]:
+    """One noise stream per sample (the trainer passes such a list); a single generator is split into n seeds,
+    so a sample's noise never depends on how the batch is chunked."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"{len(generator)} generators for {n} samples")
+        return list(generator)
+    seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+    return [torch.Generator(device).manual_seed(s) for s in seeds]
+
+
+def encode(policy, sample, prompts: list[str]) -> PromptEmbeds:
+    return policy.backbone.encode_prompts(
+        prompts, sample.negative_prompt, guidance=sample.guidance_scale > 1, size=image_size(sample)
+    )
+
+
+def image_size(sample) -> tuple[int, int] | None:
+    return (sample.height, sample.width) if sample.height and sample.width else None
+
+
+@torch.no_grad()
+def sample_batch(policy, reward, sample, prompts: list[str], generator, x_T: Tensor | None = None) -> dict:
+    """Rollouts of `prompts` in chunks of sample.batch_size, scored by `reward`.
+
+    Returns {"prompts", "embeds": PromptEmbeds (N, ...), "latents": (N, S+1, C, h, w), "log_probs": (N, S),
+    "timesteps": (S,), "reward": (N,), "components": {name: (N,)}, "metrics": {...}}. `x_T` (N, C, h, w)
+    overrides the initial noise (D3PO pairs); otherwise each sample's generator draws it first.
+    """
+    backbone, n = policy.backbone, len(prompts)
+    gens = per_sample_generators(generator, n, backbone.device)
+    embeds, latents, log_probs, totals, parts = [], [], [], [], []
+    for start in range(0, n, sample.batch_size):
+        chunk = slice(start, min(n, start + sample.batch_size))
+        chunk_prompts, chunk_gens = prompts[chunk], gens[chunk]
+        e = encode(policy, sample, chunk_prompts)
+        noise = (
+            backbone.initial_noise(len(chunk_prompts), chunk_gens, image_size(sample))
+            if x_T is None
+            else x_T[chunk]
+        )
+        traj = rollout(
+            backbone,
+            policy.sampler,
+            e,
+            noise,
+            sample.num_steps,
+            sample.guidance_scale,
+            sample.eta,
+            generator=chunk_gens,
+        )
+        total, components = reward(traj.images, chunk_prompts)
+        embeds.append(e)
+        latents.append(traj.latents)
+        log_probs.append(traj.log_probs)
+        totals.append(total.detach().float())
+        parts.append({k: v.detach().float() for k, v in components.items()})
+        timesteps = traj.timesteps
+    total = torch.cat(totals)
+    components = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    metrics = {"reward_mean": total.mean().item(), "reward_std": total.std().item() if n > 1 else 0.0}
+    metrics.update({f"reward_{k}": v.mean().item() for k, v in components.items()})
+    return {
+        "prompts": list(prompts),
+        "embeds": PromptEmbeds.cat(embeds),
+        "latents": torch.cat(latents),
+        "log_probs": torch.cat(log_probs) if log_probs[0] is not None else None,
+        "timesteps": timesteps,
+        "reward": total,
+        "components": components,
+        "metrics": metrics,
+    }
+
+
+def step_rows(order: Tensor, batch_size: int) -> list[Tensor]:
+    """Consecutive full batches of `order` (a remainder smaller than batch_size is dropped, as in DDPO);
+    the whole of `order` when it holds less than one batch."""
+    if len(order) < batch_size:
+        return [order]
+    return [order[s : s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def transition_inputs(batch: dict, rows: Tensor, steps: Tensor):
+    """Stored (x_t, x_prev, t, embeds) of samples `rows`, each at its own step index `steps`."""
+    latents = batch["latents"]
+    r, s = _on(rows, latents), _on(steps, latents)
+    t = batch["timesteps"].to(latents.device)[s]
+    return latents[r, s], latents[r, s + 1], t, batch["embeds"][r]
+
+
+def _on(index: Tensor, like: Tensor) -> Tensor:
+    return index.to(like.device)
