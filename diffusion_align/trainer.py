@@ -329,7 +329,7 @@ class Trainer:
         if "reward" in batch:
             recorded["total"] = batch["reward"].detach().float().flatten()
         metrics = {}
-        for name, values in recorded.items():
+        for name, values in sorted(recorded.items(), key=lambda kv: kv[0] == "total"):  # components first
             every = self.group.gather(values.to(self.accelerator.device))
             bad = (~torch.isfinite(every)).sum().item()
             if bad:
