@@ -42,7 +42,7 @@ class Policy:
             init_lora_weights="gaussian",  # B = 0: the policy starts exactly at the base model
             target_modules=list(target_modules),
         )
-        backbone.unet.add_adapter(self.lora_config, adapter_name=ADAPTER)
+        _add_adapter(backbone.unet, self.lora_config)
         for p in self.parameters():  # fp32 master weights even when the base model is fp16/bf16
             p.data = p.data.float()
 
@@ -71,11 +71,11 @@ class Policy:
     def reference(self):
         """Run the frozen base model (adapter disabled) inside the block."""
         unet = self.backbone.unet
-        unet.disable_adapters()
+        _enable_adapters(unet, False)
         try:
             yield
         finally:
-            unet.enable_adapters()
+            _enable_adapters(unet, True)
 
     # --- diffusers LoRA format ----------------------------------------------------------------------
     def lora_state_dict(self) -> dict[str, Tensor]:
@@ -102,7 +102,9 @@ class Policy:
 
         directory = Path(directory)
         if not (directory / "pytorch_lora_weights.safetensors").is_file():
-            raise UserError(f"no LoRA at {directory}: expected {directory / 'pytorch_lora_weights.safetensors'}")
+            raise UserError(
+                f"no LoRA at {directory}: expected {directory / 'pytorch_lora_weights.safetensors'}"
+            )
         state, _ = type(self.backbone.pipe).lora_state_dict(str(directory))
         state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
         result = set_peft_model_state_dict(
@@ -110,6 +112,28 @@ class Policy:
         )
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise UserError(f"LoRA at {directory} does not fit this model: unexpected keys such as {unexpected[0]}")
+            raise UserError(
+                f"LoRA at {directory} does not fit this model: unexpected keys such as {unexpected[0]}"
+            )
         for p in self.parameters():
             p.data = p.data.float()
+
+
+# UNet3DConditionModel (TextToVideoSD) lacks diffusers' PeftAdapterMixin; peft attaches the same LoRA layers
+# to any module, so these two helpers give it the add/enable/disable behaviour the mixin gives other UNets.
+def _add_adapter(unet: torch.nn.Module, config: LoraConfig) -> None:
+    if hasattr(unet, "add_adapter"):
+        unet.add_adapter(config, adapter_name=ADAPTER)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, unet, ADAPTER)
+    unet.peft_config = {ADAPTER: config}  # read by get_peft_model_state_dict
+
+
+def _enable_adapters(unet: torch.nn.Module, enabled: bool) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.enable_adapters(enabled)

@@ -131,3 +131,15 @@ def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
 
 
 TINY_PIPELINES = {"tiny-sd": tiny_sd, "tiny-sdxl": tiny_sdxl}
+
+
+def _tiny_video(name: str):
+    def build(seed: int = 0):  # imported lazily: testing_video builds on this module
+        from diffusion_align.testing_video import TINY_VIDEO_PIPELINES
+
+        return TINY_VIDEO_PIPELINES[name](seed)
+
+    return build
+
+
+TINY_PIPELINES.update({name: _tiny_video(name) for name in ("tiny-animatediff", "tiny-t2v")})

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from diffusion_align.backbones.stable_diffusion import PromptEmbeds, StableDiffusionBackbone
+from diffusion_align.backbones.video import VideoBackbone
 from diffusion_align.errors import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -16,9 +17,18 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": StableDiffusionBackbone,
     "StableDiffusionXLPipeline": StableDiffusionBackbone,
     "LatentConsistencyModelPipeline": StableDiffusionBackbone,
+    "AnimateDiffPipeline": VideoBackbone,
+    "TextToVideoSDPipeline": VideoBackbone,
 }
 
-__all__ = ["PromptEmbeds", "StableDiffusionBackbone", "load_backbone", "resolve_device", "DTYPES"]
+__all__ = [
+    "PromptEmbeds",
+    "StableDiffusionBackbone",
+    "VideoBackbone",
+    "load_backbone",
+    "resolve_device",
+    "DTYPES",
+]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -54,7 +64,8 @@ def _missing_model_message(pretrained: str, error: Exception) -> str:
         f"could not load model '{pretrained}': no pipeline folder at {local} and not loadable from the "
         f"Hugging Face hub or its cache under HF_HOME={hub_home}{offline} [{reason}]. Pass a local diffusers "
         "folder (model.pretrained=/path/to/pipeline with model_index.json), download it first with "
-        "`huggingface-cli download ID`, or use a built-in model: tiny-sd, tiny-sdxl, shapes"
+        "`huggingface-cli download ID`, or use a built-in model: tiny-sd, tiny-sdxl, tiny-animatediff, "
+        "tiny-t2v, shapes"
     )
 
 

@@ -1,0 +1,121 @@
+"""Text-to-video backbones: AnimateDiff (SD 1.5 UNet + MotionAdapter as a `UNetMotionModel`) and
+TextToVideoSD (ModelScope's `UNet3DConditionModel`), built from a diffusers pipeline's public parts.
+
+Same behaviour API as `StableDiffusionBackbone`, with a frame axis:
+- latents are (B, C, T, h, w), the layout both diffusers pipelines use, so `initial_noise` with the same
+  generator gives the same x_T as `pipe(...)` and the one loop in rollout.py reproduces the pipelines;
+- videos are (B, T, 3, H, W) in [0, 1] (the pipelines' `output_type="pt"` layout);
+- `decode(latents, frames=...)` decodes only some frames: the SD VAE decodes frames independently, so a
+  subset costs a fraction of a full decode and gives exactly the same pixels (VADER's `decode_frame`).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from diffusion_align.backbones.stable_diffusion import PromptEmbeds, StableDiffusionBackbone
+from diffusion_align.errors import UserError
+
+# Both families were trained on 16-frame clips; the diffusers pipelines default to 16 too.
+DEFAULT_NUM_FRAMES = 16
+
+
+class VideoBackbone(StableDiffusionBackbone):
+    """encode_prompts / predict / decode / encode / initial_noise over AnimateDiff or TextToVideoSD.
+
+    num_frames: clip length T drawn by `initial_noise` (None = the pipeline's `default_num_frames` attribute
+    if set, as on the tiny test pipelines, else 16). Any T works afterwards: `predict` reads it from x_t.
+    """
+
+    is_video = True
+
+    def __init__(self, pipe, num_frames: int | None = None):
+        super().__init__(pipe)
+        self.is_xl = False
+        # UNetMotionModel runs its 2-D layers on (B*T) frames and expects one text embedding per frame;
+        # UNet3DConditionModel repeats the (B, L, D) embeddings over frames itself.
+        self.text_per_frame = type(self.unet).__name__ == "UNetMotionModel"
+        self.num_frames = int(num_frames or getattr(pipe, "default_num_frames", DEFAULT_NUM_FRAMES))
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        # the MotionAdapter's weights were copied into the UNetMotionModel; the pipeline still holds it
+        adapter = getattr(self.pipe, "motion_adapter", None)
+        return super().frozen_modules() + ([adapter] if adapter is not None else [])
+
+    # --- denoiser -----------------------------------------------------------------------------------
+    def predict(self, x_t: Tensor, t: Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:
+        """Model output for x_t (B, C, T, h, w) at timestep t (scalar or (B,), (2B,) under CFG), with
+        classifier-free guidance when guidance_scale > 1 and negative embeddings exist.
+        Returns (B, C, T, h, w)."""
+        cfg = guidance_scale > 1.0 and embeds.uncond is not None
+        x_in = torch.cat([x_t, x_t]) if cfg else x_t
+        hidden = torch.cat([embeds.uncond, embeds.cond]) if cfg else embeds.cond
+        if self.text_per_frame:  # as AnimateDiffPipeline does: frame-major repeat of each video's embedding
+            hidden = hidden.repeat_interleave(x_t.shape[2], dim=0)
+        out = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=hidden, return_dict=False)[0]
+        if not cfg:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    # --- pixels <-> latents -------------------------------------------------------------------------
+    def decode(
+        self, latents: Tensor, frames: Tensor | list[int] | None = None, chunk_size: int = 16
+    ) -> Tensor:
+        """Latents (B, C, T, h, w) -> video (B, S, 3, H, W) in [0, 1]. Differentiable.
+
+        frames: None = all T frames (S = T); a list / (S,) tensor of frame indices shared by every video; or
+        (B, S) indices per video (e.g. `rewards.video.select_frames`). Only those frames go through the VAE.
+        chunk_size: frames per VAE call (bounds peak memory as the pipelines' `decode_chunk_size` does).
+        """
+        b = latents.shape[0]
+        per_frame = latents.transpose(1, 2)  # (B, T, C, h, w)
+        if frames is not None:
+            idx = torch.as_tensor(frames, device=latents.device, dtype=torch.long)
+            if idx.ndim == 1:
+                per_frame = per_frame[:, idx]
+            else:
+                per_frame = per_frame[torch.arange(b, device=latents.device)[:, None], idx]
+        s = per_frame.shape[1]
+        flat = per_frame.flatten(0, 1)
+        images = torch.cat([super(VideoBackbone, self).decode(c) for c in flat.split(chunk_size)])
+        return images.view(b, s, *images.shape[1:])
+
+    def encode(self, videos: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Videos (B, T, 3, H, W) in [0, 1] -> scaled latents (B, C, T, h, w) from the VAE posterior."""
+        b, t = videos.shape[:2]
+        latents = super().encode(videos.flatten(0, 1), generator)
+        return latents.view(b, t, *latents.shape[1:]).transpose(1, 2)
+
+    def initial_noise(
+        self,
+        batch_size: int,
+        generator=None,
+        size: tuple[int, int] | None = None,
+        num_frames: int | None = None,
+    ) -> Tensor:
+        """x_T ~ N(0, I) of shape (B, C, T, H/f, W/f), drawn as AnimateDiffPipeline / TextToVideoSDPipeline
+        draw it, so the same generator gives the same video as `pipe(...)`. `generator` may be a list."""
+        height, width = size or self.default_size()
+        shape = (
+            batch_size,
+            self.unet.config.in_channels,
+            num_frames or self.num_frames,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        return noise * self.scheduler.init_noise_sigma
+
+    # --- memory -------------------------------------------------------------------------------------
+    def enable_memory_options(
+        self, gradient_checkpointing=False, vae_slicing=False, vae_tiling=False, attention="sdpa"
+    ) -> None:
+        if gradient_checkpointing and not self.unet._supports_gradient_checkpointing:
+            raise UserError(
+                f"model.gradient_checkpointing=true is not supported by {type(self.unet).__name__}; set it "
+                "to false and use the strategy's per-step checkpointing of the gradient window instead"
+            )
+        super().enable_memory_options(gradient_checkpointing, vae_slicing, vae_tiling, attention)

@@ -1,0 +1,259 @@
+"""Video backbones (AnimateDiff, TextToVideoSD): pipeline parity, DDPO re-scoring, LoRA into diffusers, reward
+backprop with a decoded frame subset, MP4/GIF writing. Tiny models, 4 frames, 2-3 steps."""
+
+import imageio.v2 as imageio
+import imageio.v3 as iio
+import pytest
+import torch
+
+from diffusion_align.backbones import StableDiffusionBackbone, VideoBackbone, load_backbone
+from diffusion_align.errors import UserError
+from diffusion_align.policy import Policy
+from diffusion_align.rollout import rollout, transitions_at
+from diffusion_align.samplers import DDIMSampler
+from diffusion_align.testing_video import TINY_VIDEO_PIPELINES, tiny_animatediff
+from diffusion_align.videos import save_videos, write_gif, write_mp4
+from rewards.shapes import ShapesColorSoftReward
+from rewards.video import per_frame, select_frames
+
+PROMPTS = [
+    "two small red circles on the left on a black background",
+    "one large blue square on a white background",
+]
+FAMILIES = ["tiny-animatediff", "tiny-t2v"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny video UNets run many small ops: on a shared 2-core machine two OpenMP threads stall waiting for
+    # each other (single calls spiking from 0.2 s to 11 s, measured); one thread is steady and as fast.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _backbone(name: str, eta: float = 1.0):
+    backbone = load_backbone(name, device="cpu")
+    return backbone, DDIMSampler.from_scheduler(backbone.scheduler, eta=eta)
+
+
+def _rollout(backbone, sampler, steps, guidance, eta, seed=0, negative=None, **kw):
+    g = torch.Generator().manual_seed(seed)
+    embeds = backbone.encode_prompts(PROMPTS, negative_prompt=negative, guidance=guidance > 1)
+    x_T = backbone.initial_noise(len(PROMPTS), g)
+    return rollout(backbone, sampler, embeds, x_T, steps, guidance, eta, generator=g, **kw)
+
+
+def _perturb(policy: Policy, scale: float = 0.05, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def _pipeline_frames(pipe, steps, guidance, eta, negative=None, seed=0):
+    return pipe(
+        PROMPTS,
+        num_frames=4,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        eta=eta,
+        negative_prompt=negative and [negative] * len(PROMPTS),
+        output_type="pt",
+        generator=torch.Generator().manual_seed(seed),
+    ).frames
+
+
+# AnimateDiff's DDIM step draws its noise in the (B, C, T, h, w) layout, as we do, so eta = 1 matches too;
+# TextToVideoSD steps on (B*T, C, h, w) frames (another draw order): only the deterministic sampler compares.
+@pytest.mark.parametrize(
+    "name,eta", [("tiny-animatediff", 0.0), ("tiny-animatediff", 1.0), ("tiny-t2v", 0.0)]
+)
+def test_rollout_reproduces_video_pipeline(name, eta):
+    backbone, sampler = _backbone(name, eta)
+    expected = _pipeline_frames(backbone.pipe, 3, 5.0, eta, negative="blurry")
+    with torch.no_grad():
+        ours = _rollout(backbone, sampler, 3, 5.0, eta, negative="blurry")
+    assert ours.images.shape == expected.shape == (2, 4, 3, 32, 32)
+    assert (ours.images - expected).abs().max() <= 1e-4
+    assert ours.latents.shape == (2, 4, 4, 4, 16, 16)  # (B, S+1, C, T, h, w)
+
+
+def test_rollout_without_guidance_reproduces_t2v():
+    backbone, sampler = _backbone("tiny-t2v", 0.0)
+    expected = _pipeline_frames(backbone.pipe, 2, 1.0, 0.0, seed=5)
+    with torch.no_grad():
+        ours = _rollout(backbone, sampler, 2, 1.0, 0.0, seed=5)
+    assert (ours.images - expected).abs().max() <= 1e-4
+
+
+def test_video_backbones_load_by_name_and_folder(tmp_path):
+    for name in FAMILIES:
+        backbone = load_backbone(name, device="cpu")
+        assert isinstance(backbone, VideoBackbone)
+        assert backbone.initial_noise(3).shape == (3, 4, 4, 16, 16)
+        assert backbone.initial_noise(1, num_frames=6).shape == (1, 4, 6, 16, 16)
+    # a saved pipeline folder dispatches on model_index.json's class, as a hub checkpoint would
+    TINY_VIDEO_PIPELINES["tiny-t2v"]().save_pretrained(tmp_path / "t2v")
+    loaded = load_backbone(str(tmp_path / "t2v"), device="cpu")
+    assert isinstance(loaded, VideoBackbone) and type(loaded.unet).__name__ == "UNet3DConditionModel"
+    assert loaded.num_frames == 16  # real checkpoints default to the 16-frame training length
+
+
+def test_decoding_a_frame_subset_matches_the_full_decode_and_routes_gradient():
+    backbone, _ = _backbone("tiny-animatediff")
+    latents = torch.randn(2, 4, 4, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    full = backbone.decode(latents)
+    assert full.shape == (2, 4, 3, 32, 32) and 0 <= full.min() and full.max() <= 1
+    torch.testing.assert_close(backbone.decode(latents, frames=[0, 3]), full[:, [0, 3]], atol=1e-6, rtol=0)
+    idx = select_frames(
+        2, 4, "random", k=1, generator=torch.Generator().manual_seed(0)
+    )  # (B, 1), VADER's default
+    subset = backbone.decode(latents, frames=idx, chunk_size=1)
+    torch.testing.assert_close(subset, full[torch.arange(2)[:, None], idx], atol=1e-6, rtol=0)
+    subset.sum().backward()
+    touched = latents.grad.abs().sum(dim=(1, 3, 4)) > 0  # (B, T): which latent frames received gradient
+    expected = torch.zeros(2, 4, dtype=torch.bool)
+    expected[torch.arange(2), idx[:, 0]] = True
+    assert torch.equal(touched, expected)
+
+
+def test_encode_keeps_frames_in_order():
+    backbone, _ = _backbone("tiny-t2v")
+    video = torch.rand(2, 3, 3, 32, 32)
+    latents = backbone.encode(video, torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 4, 3, 16, 16)
+    # latent frame (b, t) is the image encoding of video b, frame t: the batch and frame axes never mix
+    as_images = StableDiffusionBackbone.encode(
+        backbone, video.flatten(0, 1), torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(latents.transpose(1, 2).flatten(0, 1), as_images)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_ddpo_log_prob_recomputes_exactly_on_video(name):
+    backbone, sampler = _backbone(name)
+    policy = Policy(backbone, sampler, rank=4)
+    _perturb(policy)  # a non-trivial adapter, so LoRA layers are part of the check
+    with torch.no_grad():
+        traj = _rollout(backbone, sampler, 3, 5.0, 1.0, decode=False)
+        embeds = backbone.encode_prompts(PROMPTS)
+        assert traj.log_probs.shape == (2, 3)
+        for step in range(3):
+            steps = torch.tensor([step, 2 - step])
+            x_t, x_prev, t = transitions_at(traj, steps)
+            log_prob = policy.log_prob(x_t, x_prev, t, embeds, 5.0, 3)
+            ratio = torch.exp(log_prob - traj.log_probs[torch.arange(2), steps])
+            assert (ratio - 1).abs().max() <= 1e-6
+            with policy.reference():  # the base model (adapter off) scores the same samples differently
+                assert (policy.log_prob(x_t, x_prev, t, embeds, 5.0, 3) - log_prob).abs().max() > 1e-6
+
+
+def test_animatediff_lora_loads_into_diffusers_pipeline(tmp_path):
+    backbone, sampler = _backbone("tiny-animatediff", eta=0.0)
+    policy = Policy(backbone, sampler, rank=4)
+    _perturb(policy, 0.2)
+    with torch.no_grad():
+        ours = _rollout(backbone, sampler, 2, 5.0, 0.0).images
+    policy.save_lora(tmp_path / "lora")
+    pipe = tiny_animatediff()
+    base = _pipeline_frames(pipe, 2, 5.0, 0.0)
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    tuned = _pipeline_frames(pipe, 2, 5.0, 0.0)
+    assert (tuned - base).abs().max() > 1e-3  # the LoRA changes the diffusers pipeline's output ...
+    assert (tuned - ours).abs().max() <= 1e-4  # ... into exactly what our policy samples
+
+
+def test_t2v_lora_saves_and_reloads(tmp_path):
+    # diffusers 0.42 cannot `load_lora_weights` into UNet3DConditionModel (it lacks PeftAdapterMixin); our
+    # policy attaches the same peft layers and round-trips them in the diffusers LoRA file format.
+    backbone, sampler = _backbone("tiny-t2v", eta=0.0)
+    policy = Policy(backbone, sampler, rank=4)
+    with torch.no_grad():
+        base = _rollout(backbone, sampler, 2, 5.0, 0.0).images
+    _perturb(policy, 0.2)
+    with torch.no_grad():
+        tuned = _rollout(backbone, sampler, 2, 5.0, 0.0).images
+    assert (tuned - base).abs().max() > 1e-3
+    policy.save_lora(tmp_path / "lora")
+    fresh, fresh_sampler = _backbone("tiny-t2v", eta=0.0)
+    Policy(fresh, fresh_sampler, rank=4).load_lora(tmp_path / "lora")
+    with torch.no_grad():
+        reloaded = _rollout(fresh, fresh_sampler, 2, 5.0, 0.0).images
+    assert (reloaded - tuned).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_reward_backprop_with_frame_subset_raises_reward(name):
+    # VADER-style: last-step gradient window, decode one random frame per video, differentiable image reward
+    backbone, sampler = _backbone(name)
+    policy = Policy(backbone, sampler, rank=4)
+    reward = ShapesColorSoftReward()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-2, weight_decay=0.0)
+    frames_gen = torch.Generator().manual_seed(0)
+    embeds = backbone.encode_prompts(PROMPTS)
+
+    def evaluate() -> float:  # all frames, fixed noise
+        with torch.no_grad():
+            video = _rollout(backbone, sampler, 2, 5.0, 1.0, seed=100).images
+        return per_frame(reward, mode="all")(video, PROMPTS).mean().item()
+
+    before = evaluate()
+    for step in range(8):
+        g = torch.Generator().manual_seed(step)
+        x_T = backbone.initial_noise(2, g)
+        traj = rollout(backbone, sampler, embeds, x_T, 2, 5.0, grad_steps=[-1], generator=g, decode=False)
+        idx = select_frames(2, backbone.num_frames, "random", k=1, generator=frames_gen)
+        frames = backbone.decode(traj.x0, frames=idx)  # (B, 1, 3, H, W): only one frame through the VAE
+        loss = -reward(frames.flatten(0, 1), PROMPTS).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in policy.parameters())
+        optimizer.step()
+    after = evaluate()
+    assert after > before + 0.01, (before, after)
+
+
+def test_t2v_rejects_unet_gradient_checkpointing():
+    backbone, _ = _backbone("tiny-t2v")
+    with pytest.raises(UserError, match="gradient_checkpointing"):
+        backbone.enable_memory_options(gradient_checkpointing=True)
+    anim, _ = _backbone("tiny-animatediff")
+    anim.enable_memory_options(gradient_checkpointing=True)
+    assert anim.unet.is_gradient_checkpointing
+
+
+def _test_video(frames: int = 4) -> torch.Tensor:
+    video = torch.zeros(frames, 3, 32, 32)
+    for t in range(frames):
+        video[t, 0] = t / (frames - 1)  # red ramps up over time
+        video[t, 2, :, : 8 * (t + 1)] = 1.0  # a blue band widens
+    return video
+
+
+def test_write_mp4_and_gif_round_trip(tmp_path):
+    video = _test_video()
+    mp4 = write_mp4(video, tmp_path / "v.mp4", fps=4)
+    reader = imageio.get_reader(mp4)
+    frames = [f for f in reader]
+    assert len(frames) == 4 and frames[0].shape == (32, 32, 3) and reader.get_meta_data()["fps"] == 4
+    red = [f[..., 0].mean() / 255 for f in frames]
+    assert all(abs(r - t / 3) < 0.03 for t, r in enumerate(red))  # lossy H.264, but the ramp survives
+    gif = write_gif(video, tmp_path / "v.gif", fps=4, scale=2)
+    decoded = iio.imread(gif, index=None)
+    assert decoded.shape == (4, 64, 64, 3)
+    expected = (video.repeat_interleave(2, 2).repeat_interleave(2, 3).permute(0, 2, 3, 1) * 255).round()
+    assert (torch.from_numpy(decoded).float() - expected).abs().max() <= 1  # 4 colours: lossless palette
+    assert iio.immeta(gif)["loop"] == 0
+
+
+def test_mp4_pads_odd_sizes_and_save_videos_writes_every_format(tmp_path):
+    video = torch.rand(3, 3, 31, 33)
+    frames = [f for f in imageio.get_reader(write_mp4(video, tmp_path / "odd.mp4"))]  # list() asks len(): inf
+    assert frames[0].shape == (32, 34, 3)
+    paths = save_videos(torch.rand(2, 3, 3, 16, 16), tmp_path / "out", ["a", "b"])
+    assert sorted(p.name for p in paths) == ["a.gif", "a.mp4", "b.gif", "b.mp4"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    with pytest.raises(ValueError, match="webm"):
+        save_videos(torch.rand(1, 2, 3, 16, 16), tmp_path, ["c"], formats=("webm",))
