@@ -1,0 +1,213 @@
+"""Per-iteration cost of each strategy against a bare-compute lower bound, and reward-backprop memory.
+
+    python benchmarks/bench_strategies.py                      # tiny-sd, CPU, every strategy
+    python benchmarks/bench_strategies.py --model shapes --steps 10 --samples 8
+    python benchmarks/bench_strategies.py --memory             # AlignProp/DRaFT peak memory vs window
+
+Time: one iteration = collect + plan + every micro-batch's loss/backward + optimizer step, through the real
+trainer-facing interface. The lower bound replays exactly the denoiser calls that iteration made (recorded by
+a forward hook: same input shapes, same grad/no-grad, a backward for each grad call) in a plain loop, on the
+same model in the same process. Ratio = strategy / bound (target <= 1.15; the rest is VAE decode, reward,
+log-prob math and bookkeeping).
+
+Memory: peak RSS (resource.getrusage maxrss) of a fresh subprocess per setting on CPU (tracemalloc does not
+see torch's allocator), torch.cuda.max_memory_allocated on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+STRATEGIES = ["ddpo", "d3po", "prdp", "alignprop", "draft"]
+
+
+def build(model: str, strategy: str, steps: int, samples: int, device: str, extra: dict | None = None):
+    from diffusion_align.config import load_config
+    from diffusion_align.distributed import LocalGroup
+    from diffusion_align.registry import build_backbone, build_policy, build_reward
+    from diffusion_align.trainer import strategy_class
+
+    reward = "shapes_color_soft" if strategy in ("alignprop", "draft") else "jpeg_compressibility"
+    s_cfg = {"name": strategy, **(extra or {})}
+    if strategy == "prdp":
+        s_cfg.setdefault("group_size", 2)
+    if strategy == "alignprop":  # a cut scaled to the short chain: the last ~steps/5 steps (paper: 8 of 50)
+        s_cfg.setdefault("truncation", "fixed")
+        s_cfg.setdefault("truncation_fixed", max(0, steps - max(1, steps // 5)))
+    config = load_config(
+        {
+            "model": {"pretrained": model, "device": device},
+            "strategy": s_cfg,
+            "sample": {"num_steps": steps, "batch_size": samples, "guidance_scale": 1.0},
+            "rewards": [{"name": reward}],
+        }
+    )
+    backbone = build_backbone(config.model)
+    policy = build_policy(backbone, config.sample, config.lora)
+    reward_fn = build_reward(config.rewards, backbone.device)
+    strategy_obj = strategy_class(config.strategy)(
+        config.strategy, policy, reward_fn, config.sample, group=LocalGroup()
+    )
+    return backbone, policy, strategy_obj
+
+
+def captions(n: int) -> list[str]:
+    from diffusion_align.prompts import load_prompts
+
+    return load_prompts("shapes_train")[:n]
+
+
+def iteration(policy, strategy, prompts, optimizer, micro: int, seed: int) -> None:
+    gens = [torch.Generator(policy.backbone.device).manual_seed(seed + i) for i in range(len(prompts))]
+    with torch.no_grad():
+        batch = strategy.collect(prompts, gens)
+    for _ in range(getattr(strategy, "num_inner_epochs", 1)):
+        for micros in strategy.plan(batch, len(prompts), micro, torch.Generator().manual_seed(seed)):
+            optimizer.zero_grad(set_to_none=True)
+            for m in micros:
+                loss, _ = strategy.loss(m)
+                (loss * m["weight"]).backward()
+            optimizer.step()
+
+
+def record_calls(unet):
+    calls = []
+
+    def hook(module, args, kwargs, out):
+        hidden = kwargs.get("encoder_hidden_states")
+        calls.append((tuple(args[0].shape), tuple(hidden.shape), torch.is_grad_enabled()))
+
+    return calls, unet.register_forward_hook(hook, with_kwargs=True)
+
+
+def bare(unet, calls, device, dtype) -> None:
+    """The recorded denoiser calls, nothing else: forward, and backward for the ones that had gradient."""
+    t = torch.tensor(500, device=device)
+    for x_shape, h_shape, grad in calls:
+        x = torch.randn(x_shape, device=device, dtype=dtype)
+        h = torch.randn(h_shape, device=device, dtype=dtype)
+        with torch.set_grad_enabled(grad):
+            out = unet(x, t, encoder_hidden_states=h, return_dict=False)[0]
+        if grad:
+            out.float().mean().backward()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_strategy(args, name: str) -> dict:
+    backbone, policy, strategy = build(args.model, name, args.steps, args.samples, args.device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    prompts = captions(args.samples)
+    iteration(policy, strategy, prompts, optimizer, args.micro, 0)  # warm-up
+    calls, handle = record_calls(backbone.unet)
+    iteration(policy, strategy, prompts, optimizer, args.micro, 1)
+    handle.remove()
+    recorded = list(calls)
+    bare(backbone.unet, recorded, backbone.device, backbone.dtype)  # warm-up
+    strategy_s, bare_s = [], []
+    for r in range(args.repeats):  # interleaved so load changes hit both alike
+        sync(args.device)
+        t0 = time.perf_counter()
+        iteration(policy, strategy, prompts, optimizer, args.micro, 2 + r)
+        sync(args.device)
+        t1 = time.perf_counter()
+        bare(backbone.unet, recorded, backbone.device, backbone.dtype)
+        sync(args.device)
+        t2 = time.perf_counter()
+        strategy_s.append(t1 - t0)
+        bare_s.append(t2 - t1)
+    s, b = min(strategy_s), min(bare_s)
+    return {
+        "strategy": name,
+        "unet_calls": len(recorded),
+        "grad_calls": sum(c[2] for c in recorded),
+        "iteration_s": round(s, 4),
+        "bare_s": round(b, 4),
+        "ratio": round(s / b, 3),
+    }
+
+
+def memory_child(args) -> None:
+    """One setting in this process; prints {"peak_mb": ...}."""
+    import resource
+
+    extra = json.loads(args.child)
+    name = extra.pop("name")
+    backbone, policy, strategy = build(args.model, name, args.steps, args.samples, args.device, extra)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    iteration(policy, strategy, captions(args.samples), optimizer, args.micro, 0)
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"peak_mb": round(peak, 1)}))
+
+
+def memory_sweep(args) -> list[dict]:
+    rows = []
+    windows = sorted({1, 2, max(1, args.steps // 2), args.steps})
+    for k in windows:
+        for ckpt in (False, True):
+            setting = {"name": "draft", "k": k if k < args.steps else 0, "gradient_checkpointing": ckpt}
+            child = [sys.executable, __file__, "--child", json.dumps(setting), "--model", args.model,
+                     "--steps", str(args.steps), "--samples", str(args.samples), "--micro", str(args.micro),
+                     "--device", args.device]  # fmt: skip
+            out = subprocess.run(child, capture_output=True, text=True)
+            if out.returncode != 0:
+                rows.append(
+                    {"window": k, "checkpointing": ckpt, "error": out.stderr.strip().splitlines()[-1]}
+                )
+                continue
+            rows.append(
+                {"window": k, "checkpointing": ckpt, **json.loads(out.stdout.strip().splitlines()[-1])}
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="tiny-sd")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--micro", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument(
+        "--memory", action="store_true", help="reward-backprop memory vs window (subprocesses)"
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return memory_child(args)
+    torch.manual_seed(0)
+    print(
+        f"model={args.model} steps={args.steps} samples={args.samples} micro={args.micro} "
+        f"device={args.device}"
+    )
+    if args.memory:
+        memory_sweep(args)
+        return
+    for name in args.strategies.split(","):
+        try:
+            print(json.dumps(time_strategy(args, name)), flush=True)
+        except Exception as e:  # one broken strategy should not hide the others' numbers
+            print(json.dumps({"strategy": name, "error": f"{type(e).__name__}: {e}"[:300]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
