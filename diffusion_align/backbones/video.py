@@ -109,6 +109,30 @@ class VideoBackbone(StableDiffusionBackbone):
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         return noise * self.scheduler.init_noise_sigma
 
+    # --- LoRA for sampling ---------------------------------------------------------------------------
+    def load_lora(self, directory: str) -> None:
+        """Load a diffusers-format LoRA folder (`pytorch_lora_weights.safetensors`, as `train` saves it).
+
+        AnimateDiff goes through diffusers' own `load_lora_weights`. TextToVideoSD's UNet3DConditionModel has
+        no diffusers LoRA loader, so the same peft layers are attached as in training (rank, alpha and target
+        modules from the file's adapter metadata, else inferred from its weights) and the weights loaded.
+        """
+        if hasattr(self.unet, "load_lora_adapter"):
+            self.pipe.load_lora_weights(directory)
+            return
+        from diffusion_align.policy import Policy
+
+        state, _, metadata = type(self.pipe).lora_state_dict(directory, return_lora_metadata=True)
+        metadata = {k.removeprefix("unet."): v for k, v in (metadata or {}).items()}
+        downs = {k: v for k, v in state.items() if k.endswith(("lora.down.weight", "lora_A.weight"))}
+        if not downs:
+            raise UserError(f"LoRA at {directory} has no UNet LoRA weights")
+        rank = int(metadata.get("r") or next(iter(downs.values())).shape[0])
+        targets = metadata.get("target_modules") or sorted({_module_name(k) for k in downs})
+        Policy(
+            self, None, rank=rank, alpha=metadata.get("lora_alpha") or rank, target_modules=targets
+        ).load_lora(directory)
+
     # --- memory -------------------------------------------------------------------------------------
     def enable_memory_options(
         self, gradient_checkpointing=False, vae_slicing=False, vae_tiling=False, attention="sdpa"
@@ -119,3 +143,9 @@ class VideoBackbone(StableDiffusionBackbone):
                 "to false and use the strategy's per-step checkpointing of the gradient window instead"
             )
         super().enable_memory_options(gradient_checkpointing, vae_slicing, vae_tiling, attention)
+
+
+def _module_name(lora_key: str) -> str:
+    """'unet.<path>.attn1.to_out.0.lora.down.weight' -> 'to_out.0' (a peft target_modules entry)."""
+    parts = lora_key.split(".lora")[0].split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]

@@ -90,7 +90,10 @@ def _load_lora(backbone, directory: str) -> None:
         raise UserError(
             f"--lora {directory}: no pytorch_lora_weights.safetensors there (pass a run's lora/ folder)"
         )
-    backbone.pipe.load_lora_weights(str(path))
+    if getattr(backbone, "is_video", False):
+        backbone.load_lora(str(path))  # TextToVideoSD's UNet3D has no diffusers LoRA loader
+    else:
+        backbone.pipe.load_lora_weights(str(path))
 
 
 def run(args) -> int:
@@ -126,10 +129,17 @@ def run(args) -> int:
                 backbone, sampler, embeds, x_T, s.num_steps, s.guidance_scale, s.eta, generator=generators
             )
         names = [f"{start + i:04d}_{slug(p)}" for i, p in enumerate(batch)]
-        save_images(traj.images, out / "images", names)
-        images.append(traj.images.cpu())
+        video = getattr(backbone, "is_video", False)  # (B, T, 3, H, W): mp4 + gif, first frame as the image
+        if video:
+            from diffusion_align.videos import save_videos
+
+            save_videos(traj.images, out / "videos", names)
+        frames = traj.images[:, 0] if video else traj.images
+        save_images(frames, out / "images", names)
+        images.append(frames.cpu())
         rows += [
             {"file": f"images/{n}.png", "prompt": p, "seed": seed}
+            | ({"video": f"videos/{n}.mp4", "gif": f"videos/{n}.gif"} if video else {})
             for n, p, seed in zip(names, batch, seeds, strict=True)
         ]
     save_grid(torch.cat(images), out / "grid.png", captions=prompts)
