@@ -27,7 +27,10 @@ def test_txt_file_skips_blank_lines_and_comments(tmp_path):
 def test_jsonl_keeps_metadata(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a cat", "tag": "animal"}\n\n{"prompt": "a red car", "id": 7}\n')
-    assert load_prompt_records(path) == [{"prompt": "a cat", "tag": "animal"}, {"prompt": "a red car", "id": 7}]
+    assert load_prompt_records(path) == [
+        {"prompt": "a cat", "tag": "animal"},
+        {"prompt": "a red car", "id": 7},
+    ]
     assert load_prompts(path) == ["a cat", "a red car"]
 
 
