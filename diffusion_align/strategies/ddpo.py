@@ -151,16 +151,25 @@ def image_size(sample) -> tuple[int, int] | None:
 
 
 @torch.no_grad()
-def sample_batch(policy, reward, sample, prompts: list[str], generator, x_T: Tensor | None = None) -> dict:
+def sample_batch(
+    policy,
+    reward,
+    sample,
+    prompts: list[str],
+    generator,
+    x_T: Tensor | None = None,
+    keep_images: bool = False,
+) -> dict:
     """Rollouts of `prompts` in chunks of sample.batch_size, scored by `reward`.
 
     Returns {"prompts", "embeds": PromptEmbeds (N, ...), "latents": (N, S+1, C, h, w), "log_probs": (N, S),
     "timesteps": (S,), "reward": (N,), "components": {name: (N,)}, "metrics": {...}}. `x_T` (N, C, h, w)
-    overrides the initial noise (D3PO pairs); otherwise each sample's generator draws it first.
+    overrides the initial noise (D3PO pairs); otherwise each sample's generator draws it first. `keep_images`
+    adds "images" (N, 3, H, W) in [0, 1].
     """
     backbone, n = policy.backbone, len(prompts)
     gens = per_sample_generators(generator, n, backbone.device)
-    embeds, latents, log_probs, totals, parts = [], [], [], [], []
+    embeds, latents, log_probs, totals, parts, images = [], [], [], [], [], []
     for start in range(0, n, sample.batch_size):
         chunk = slice(start, min(n, start + sample.batch_size))
         chunk_prompts, chunk_gens = prompts[chunk], gens[chunk]
@@ -184,6 +193,8 @@ def sample_batch(policy, reward, sample, prompts: list[str], generator, x_T: Ten
         embeds.append(e)
         latents.append(traj.latents)
         log_probs.append(traj.log_probs)
+        if keep_images:
+            images.append(traj.images)
         totals.append(total.detach().float())
         parts.append({k: v.detach().float() for k, v in components.items()})
         timesteps = traj.timesteps
@@ -191,7 +202,7 @@ def sample_batch(policy, reward, sample, prompts: list[str], generator, x_T: Ten
     components = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     metrics = {"reward_mean": total.mean().item(), "reward_std": total.std().item() if n > 1 else 0.0}
     metrics.update({f"reward_{k}": v.mean().item() for k, v in components.items()})
-    return {
+    batch = {
         "prompts": list(prompts),
         "embeds": PromptEmbeds.cat(embeds),
         "latents": torch.cat(latents),
@@ -201,6 +212,9 @@ def sample_batch(policy, reward, sample, prompts: list[str], generator, x_T: Ten
         "components": components,
         "metrics": metrics,
     }
+    if keep_images:
+        batch["images"] = torch.cat(images)
+    return batch
 
 
 def step_rows(order: Tensor, batch_size: int) -> list[Tensor]:

@@ -1,0 +1,213 @@
+"""D3PO (Yang et al. 2024, yk7333/d3po), anchors §2.3: DPO on denoising steps, no reward model needed.
+
+Pairs: two DDIM-eta trajectories of the same prompt from the same x_T, differing only through the step noise.
+Preference, one of:
+- from the reward: Pareto dominance over the reward components (one component: the larger total wins); ties
+  and incomparable pairs are dropped;
+- from human labels, a JSONL file (`human_labels`), one pair per line:
+      {"prompt": "a red circle", "seed": 7, "preferred": 0}
+  The pair is regenerated exactly by the frozen base model (`render_pairs`): x_T and image 0's step noise come
+  from `torch.Generator("cpu").manual_seed(seed)` (x_T drawn first), image 1's step noise from
+  `manual_seed(seed + 2**40)`, with this config's sample settings. Label the images `render_pairs` returns
+  (0 = first, 1 = second), then train on the file; the trainer's prompts are then ignored.
+Loss per pair and trained step (steps shuffled per pair, shared by both members, as in DDPO):
+  -log sigmoid(beta * log clamp(pi/pi_ref, 1-eps, 1+eps)[win] - beta * log clamp(...)[lose]), beta 0.1,
+  eps 0.1 (the fixed 0.9-1.1 range, d3po#4); the reference is the base model (LoRA disabled).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from diffusion_align.distributed import LocalGroup
+from diffusion_align.errors import UserError
+from diffusion_align.losses import d3po_loss, preference_pairs
+from diffusion_align.strategies.ddpo import image_size, sample_batch, transition_inputs
+
+SECOND_IMAGE_SEED_OFFSET = 2**40
+
+
+@dataclass
+class D3POConfig:
+    beta: float = 0.1  # DPO temperature on the per-step log-ratio
+    eps: float = 0.1  # ratio clamp to [1-eps, 1+eps], inside the sigmoid
+    num_inner_epochs: int = 1  # passes over each collected batch
+    timestep_fraction: float = 1.0  # share of each pair's steps that are trained (random per pair)
+    human_labels: str | None = None  # JSONL of {"prompt", "seed", "preferred": 0|1}; None = prefer by reward
+
+
+class D3PO:
+    def __init__(self, config: D3POConfig, policy, reward, sample, group=None):
+        if sample.eta <= 0:
+            raise ValueError(
+                "D3PO needs sample.eta > 0: pairs from one x_T differ only through the step noise"
+            )
+        self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
+        self.group = group or LocalGroup()
+        self.num_inner_epochs = config.num_inner_epochs
+        self.labels = read_labels(config.human_labels) if config.human_labels else None
+        self.cursor = 0  # next human-labelled pair (checkpointed)
+
+    # --- collect -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self, prompts: list[str], generator) -> dict:
+        """len(prompts) images = len(prompts) // 2 pairs; pair k uses prompts[2k] and x_T from generator 2k
+        (the trainer's per-sample list), its second image's step noise from generator 2k+1."""
+        if len(prompts) < 2 or len(prompts) % 2:
+            raise UserError(f"D3PO collects pairs: the samples per process ({len(prompts)}) must be even")
+        if self.labels is not None:
+            batch, winner = self._collect_human(len(prompts) // 2)
+        else:
+            batch, winner = self._collect_reward(prompts, generator)
+        decisive = winner >= 0
+        rows = torch.arange(len(winner))[decisive.cpu()]
+        win = 2 * rows + winner[decisive].cpu()
+        batch["win"], batch["lose"] = win, 2 * rows + 1 - winner[decisive].cpu()
+        total = self.group.gather(torch.tensor([len(rows)], device=batch["latents"].device))
+        batch["global_pairs"] = int(total.sum().item())
+        batch["metrics"]["preference/decisive_fraction"] = batch["global_pairs"] / (
+            len(winner) * self.group.world_size
+        )
+        return batch
+
+    def _collect_reward(self, prompts: list[str], generator) -> tuple[dict, Tensor]:
+        backbone, n = self.policy.backbone, len(prompts)
+        from diffusion_align.strategies.ddpo import per_sample_generators
+
+        gens = per_sample_generators(generator, n, backbone.device)
+        pair_prompts = [p for p in prompts[0::2] for _ in range(2)]
+        x_T = torch.cat([backbone.initial_noise(1, [g], image_size(self.sample)) for g in gens[0::2]])
+        batch = sample_batch(
+            self.policy, self.reward, self.sample, pair_prompts, gens, x_T.repeat_interleave(2, 0)
+        )
+        parts = batch["components"]
+        scores = torch.stack(list(parts.values()), -1) if len(parts) > 1 else batch["reward"][:, None]
+        winner, decisive = preference_pairs(scores.view(n // 2, 2, -1))
+        return batch, torch.where(decisive, winner, -1)
+
+    def _collect_human(self, num_pairs: int) -> tuple[dict, Tensor]:
+        records = [self.labels[(self.cursor + k) % len(self.labels)] for k in range(num_pairs)]
+        self.cursor = (self.cursor + num_pairs) % len(self.labels)
+        batch = render_pairs(
+            self.policy, self.reward, self.sample, [(r["prompt"], r["seed"]) for r in records]
+        )
+        return batch, torch.tensor([r["preferred"] for r in records])
+
+    # --- plan ----------------------------------------------------------------------------------------
+    def plan(self, batch: dict, batch_size: int, micro_batch_size: int, generator) -> list[list[dict]]:
+        """batch_size / micro_batch_size count images (2 per pair). Every process plans the same number of
+        optimizer steps (decisive pairs over all processes / pairs per step) and spreads its
+        own pairs over them."""
+        num_steps = batch["latents"].shape[1] - 1
+        trained = max(1, int(num_steps * self.config.timestep_fraction))
+        pairs_per_step = max(1, batch_size // 2)
+        pairs_per_micro = max(1, micro_batch_size // 2)
+        n_opt = max(1, batch["global_pairs"] // (pairs_per_step * self.group.world_size))
+        order = torch.randperm(len(batch["win"]), generator=generator)
+        step_order = torch.stack(
+            [torch.randperm(num_steps, generator=generator) for _ in range(len(order))]
+            or [torch.zeros(num_steps, dtype=torch.long)]
+        )
+        plan = []
+        for chunk in np.array_split(order.numpy(), n_opt):
+            pairs = torch.from_numpy(chunk).long()
+            if len(pairs) == 0:  # this process has no pair for the step: contribute a zero gradient
+                plan.append([{"batch": batch, "pairs": pairs, "steps": pairs, "weight": 1.0}])
+                continue
+            micros = []
+            for m in range(0, len(pairs), pairs_per_micro):
+                p = pairs[m : m + pairs_per_micro]
+                for j in range(trained):
+                    micros.append(
+                        {
+                            "batch": batch,
+                            "pairs": p,
+                            "steps": step_order[p, j],
+                            "weight": len(p) / (len(pairs) * trained),
+                        }
+                    )
+            plan.append(micros)
+        return plan
+
+    # --- loss ----------------------------------------------------------------------------------------
+    def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
+        batch, pairs, s = micro["batch"], micro["pairs"], self.sample
+        if len(pairs) == 0:
+            return sum(p.sum() * 0.0 for p in self.policy.parameters()), {}
+        rows = torch.cat([batch["win"][pairs], batch["lose"][pairs]])
+        steps = torch.cat([micro["steps"], micro["steps"]])
+        x_t, x_prev, t, embeds = transition_inputs(batch, rows, steps)
+        log_prob = self.policy.log_prob(x_t, x_prev, t, embeds, s.guidance_scale, s.num_steps)
+        with torch.no_grad(), self.policy.reference():
+            ref = self.policy.log_prob(x_t, x_prev, t, embeds, s.guidance_scale, s.num_steps)
+        p = len(pairs)
+        losses, accuracy = d3po_loss(
+            log_prob[:p], ref[:p], log_prob[p:], ref[p:], self.config.beta, self.config.eps
+        )
+        ratio = torch.exp(log_prob.detach() - ref)
+        clipped = ((ratio - 1).abs() > self.config.eps).float().mean()
+        return losses.mean(), {
+            "implicit_accuracy": accuracy.mean().item(),
+            "clip_fraction": clipped.item(),
+            "log_ratio_abs": (log_prob.detach() - ref).abs().mean().item(),
+        }
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state.get("cursor", 0))
+
+
+def read_labels(path: str | Path) -> list[dict]:
+    """Human preference records from JSONL; one-line errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"D3PO human_labels file {path} not found (JSONL lines of {{prompt, seed, preferred}})"
+        )
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            record = {"prompt": str(r["prompt"]), "seed": int(r["seed"]), "preferred": int(r["preferred"])}
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(
+                f'{path}:{i}: expected {{"prompt": str, "seed": int, "preferred": 0|1}} ({e})'
+            ) from e
+        if record["preferred"] not in (0, 1):
+            raise UserError(
+                f"{path}:{i}: preferred must be 0 (first image) or 1 (second), got {record['preferred']}"
+            )
+        records.append(record)
+    if not records:
+        raise UserError(f"D3PO human_labels file {path} holds no records")
+    return records
+
+
+@torch.no_grad()
+def render_pairs(policy, reward, sample, pairs: list[tuple[str, int]]) -> dict:
+    """The two trajectories of each (prompt, seed) under the frozen base model, deterministic on any device.
+
+    Returns sample_batch's dict with 2 * len(pairs) rows (pair k at rows 2k, 2k+1) plus "images"
+    (2P, 3, H, W) in [0, 1], which is what a labeller looks at.
+    """
+    backbone = policy.backbone
+    gens, noise = [], []
+    for _, seed in pairs:
+        first = torch.Generator("cpu").manual_seed(seed)
+        noise.append(backbone.initial_noise(1, [first], image_size(sample)))
+        gens += [first, torch.Generator("cpu").manual_seed(seed + SECOND_IMAGE_SEED_OFFSET)]
+    prompts = [p for p, _ in pairs for _ in range(2)]
+    with policy.reference():
+        return sample_batch(
+            policy, reward, sample, prompts, gens, torch.cat(noise).repeat_interleave(2, 0), keep_images=True
+        )

@@ -1,0 +1,175 @@
+"""PRDP (Deng et al., CVPR 2024), anchors §2.4: reward-difference prediction with proximal clipping.
+
+collect: groups of `group_size` samples per prompt (independent x_T), DDIM-eta rollouts, rewards.
+loss: for trajectories x (all S steps), h_t = log pi_theta(x_{t-1}|x_t) - log pi_ref(...) (ref = base
+model, LoRA disabled), clipped per step to h_old_t +- eps; h = mean over steps (the JAX reference averages);
+every pair i < j of a group with different rewards: max((h_i - h_j - (r_i - r_j)/beta)^2, same with clipped
+h). The step's objective is the mean over its pairs; micro-batches hold whole groups.
+Old policy: a copy of the LoRA weights kept in the strategy, refreshed every `refresh_every` optimizer steps
+(counted from the plan weights the trainer passes through `loss`: a step is complete when they sum to 1).
+Its log-probs are computed by swapping the copy in under no_grad. The copy, the step count and the refresh
+point are in `state_dict`, so a resumed run clips against the same old policy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from diffusion_align.distributed import LocalGroup
+from diffusion_align.errors import UserError
+from diffusion_align.losses import group_pairs, prdp_loss
+from diffusion_align.strategies.ddpo import sample_batch
+
+
+@dataclass
+class PRDPConfig:
+    group_size: int = 16  # images per prompt (B); pairs are formed within a group
+    beta: float = 3e-5  # reward-difference scale: target = (r_i - r_j) / beta (small-scale setting)
+    eps: float = 1e-6  # proximal clip of each step's log-ratio around the old policy's
+    refresh_every: int = 10  # K: optimizer steps between refreshes of the old policy
+    num_inner_epochs: int = 1  # passes over each collected batch
+
+
+class PRDP:
+    def __init__(self, config: PRDPConfig, policy, reward, sample, group=None):
+        if sample.eta <= 0:
+            raise ValueError("PRDP needs sample.eta > 0 (the log-ratios are transition log-probs)")
+        if config.group_size < 2:
+            raise UserError(f"PRDP group_size={config.group_size}: pairs need at least 2 images per prompt")
+        self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
+        self.group = group or LocalGroup()
+        self.num_inner_epochs = config.num_inner_epochs
+        self.old = [p.detach().clone() for p in policy.parameters()]
+        self.weight_seen = 0.0  # sum of micro weights seen: completed optimizer steps at each step boundary
+        self.refreshed_at = 0  # completed steps when `old` was last copied
+
+    # --- collect -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect(self, prompts: list[str], generator) -> dict:
+        """Group g is prompts[g * group_size] repeated group_size times, each image with its own noise."""
+        n, size = len(prompts), self.config.group_size
+        if n % size:
+            raise UserError(
+                f"PRDP: samples per process ({n}) must be a multiple of strategy.group_size={size}"
+            )
+        grouped = [p for p in prompts[0::size] for _ in range(size)]
+        batch = sample_batch(self.policy, self.reward, self.sample, grouped, generator)
+        batch["group_ids"] = torch.arange(n) // size
+        batch["ref_log_probs"] = torch.full_like(batch["log_probs"], float("nan"))  # filled on first use
+        first, _ = group_pairs(batch["group_ids"], batch["reward"].cpu())
+        batch["metrics"]["pairs_per_group"] = len(first) / (n // size)
+        return batch
+
+    # --- plan ----------------------------------------------------------------------------------------
+    def plan(self, batch: dict, batch_size: int, micro_batch_size: int, generator) -> list[list[dict]]:
+        """batch_size and micro_batch_size count images, rounded to whole groups (at least one)."""
+        size = self.config.group_size
+        groups_per_step, groups_per_micro = max(1, batch_size // size), max(1, micro_batch_size // size)
+        num_groups = len(batch["prompts"]) // size
+        rewards, ids = batch["reward"].cpu(), batch["group_ids"]
+        pairs_in = torch.bincount(ids[group_pairs(ids, rewards)[0]], minlength=num_groups)
+        order = torch.randperm(num_groups, generator=generator)
+        plan = []
+        for start in range(0, max(1, num_groups - groups_per_step + 1), groups_per_step):
+            groups = order[start : start + groups_per_step]
+            total = int(pairs_in[groups].sum())
+            micros = []
+            for m in range(0, len(groups), groups_per_micro):
+                g = groups[m : m + groups_per_micro]
+                count = int(pairs_in[g].sum())
+                if count or not total:  # a step with no pair at all still gets one (zero) micro-batch
+                    micros.append({"batch": batch, "groups": g, "weight": count / total if total else 1.0})
+            plan.append(micros)
+        return plan
+
+    # --- loss ----------------------------------------------------------------------------------------
+    def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
+        self._maybe_refresh()
+        old_is_current = self._old_is_current()
+        self.weight_seen += float(micro["weight"])
+        batch, cfg, s = micro["batch"], self.config, self.sample
+        rows = torch.cat(
+            [torch.arange(g * cfg.group_size, (g + 1) * cfg.group_size) for g in micro["groups"].tolist()]
+        )
+        rewards = batch["reward"].cpu()[rows]
+        first, second = group_pairs(batch["group_ids"][rows], rewards)
+        if len(first) == 0:
+            return sum(p.sum() * 0.0 for p in self.policy.parameters()), {"pairs": 0.0}
+        latents, num_steps = batch["latents"], batch["log_probs"].shape[1]
+        r = rows.to(latents.device)
+        embeds = batch["embeds"][r]
+        steps = []
+        for i in range(num_steps):
+            t = batch["timesteps"][i].to(latents.device).expand(len(rows))
+            steps.append((latents[r, i], latents[r, i + 1], t))
+        refs = [self._ref(batch, r, i, *step, embeds) for i, step in enumerate(steps)]
+        # the old policy's forwards swap weights in place: all of them before any graph holds the weights
+        olds = None if old_is_current else [self._old_log_prob(*step, embeds) for step in steps]
+        log_probs = [self.policy.log_prob(*step, embeds, s.guidance_scale, s.num_steps) for step in steps]
+        if olds is None:
+            olds = [lp.detach() for lp in log_probs]
+        log_prob, ref, old = torch.stack(log_probs, 1), torch.stack(refs, 1), torch.stack(olds, 1)
+        losses, clipped = prdp_loss(
+            log_prob - ref, old - ref, rewards.to(ref.device), first, second, cfg.beta, cfg.eps
+        )
+        dev = (torch.exp(log_prob.detach() - old) - 1).abs().max()
+        sampled = batch["log_probs"][r]  # the sampling policy's: equal to log_prob before any update
+        return losses.mean(), {
+            "pairs": float(len(first)),
+            "clip_fraction": clipped.float().mean().item(),
+            "log_ratio_abs": (log_prob.detach() - ref).abs().mean().item(),
+            "ratio_max_deviation": dev.item(),
+            "sampling_ratio_max_deviation": (torch.exp(log_prob.detach() - sampled) - 1).abs().max().item(),
+        }
+
+    def _ref(self, batch, r, i, x_t, x_prev, t, embeds) -> Tensor:
+        cached = batch["ref_log_probs"][r, i]
+        if torch.isnan(cached).any():
+            s = self.sample
+            with torch.no_grad(), self.policy.reference():
+                cached = self.policy.log_prob(x_t, x_prev, t, embeds, s.guidance_scale, s.num_steps)
+            batch["ref_log_probs"][r, i] = cached
+        return cached
+
+    # --- the old policy ------------------------------------------------------------------------------
+    def _completed_steps(self) -> int:
+        """Optimizer steps taken before the current micro-batch (the weights of a step sum to 1)."""
+        return math.floor(self.weight_seen + 1e-6)
+
+    def _old_is_current(self) -> bool:
+        """No optimizer step since the refresh: the weights still equal the copy."""
+        return self._completed_steps() == self.refreshed_at
+
+    def _maybe_refresh(self) -> None:
+        done = self._completed_steps()
+        if done - self.refreshed_at >= self.config.refresh_every:
+            self.old = [p.detach().clone() for p in self.policy.parameters()]
+            self.refreshed_at = done
+
+    @torch.no_grad()
+    def _old_log_prob(self, x_t, x_prev, t, embeds) -> Tensor:
+        params, s = self.policy.parameters(), self.sample
+        current = [p.detach().clone() for p in params]
+        try:
+            for p, o in zip(params, self.old, strict=True):
+                p.copy_(o)
+            return self.policy.log_prob(x_t, x_prev, t, embeds, s.guidance_scale, s.num_steps)
+        finally:
+            for p, c in zip(params, current, strict=True):
+                p.copy_(c)
+
+    def state_dict(self) -> dict:
+        return {
+            "old": [o.cpu() for o in self.old],
+            "weight_seen": self.weight_seen,
+            "refreshed_at": self.refreshed_at,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.old[0].device if self.old else "cpu"
+        self.old = [o.to(device) for o in state["old"]]
+        self.weight_seen, self.refreshed_at = float(state["weight_seen"]), int(state["refreshed_at"])

@@ -1,0 +1,194 @@
+"""Reward backpropagation through the sampling chain: AlignProp (Prabhudesai et al.) and DRaFT (Clark et al.),
+anchors §2.2. Both need a differentiable reward; the loss is -loss_scale * mean reward.
+
+collect: a no-grad rollout per sample (its reward is the epoch's on-policy reward) storing every latent, plus
+a per-sample seed for the noise of the re-run. loss: re-runs the gradient window from the stored latent at the
+cut, with gradient through the denoiser calls of the window, the VAE decoder and the reward:
+- AlignProp: a random contiguous tail. The cut is drawn from the official distribution (gaussian
+  int(N(42, 5)), uniform [0, 50) or fixed 49, redrawn until in [1, steps)), once per optimizer step (the
+  official code draws once per rollout call); steps cut..S-1 keep gradient. Not TRL's per-step redraw.
+- DRaFT: full chain (k = 0, from x_T), DRaFT-K (last k steps), DRaFT-LV (lv_draws = n > 0): the final sample
+  x0 is re-noised n times to the last step's timestep, x1 = sqrt(a) x0 + sqrt(1 - a) z, and each is
+  denoised by one step with gradient; the rewards are averaged.
+Steps before the cut are the collected ones (identical when the policy has not changed since collect; earlier
+denoiser outputs carry no gradient either way, as in AlignProp's `noise_pred.detach()`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
+
+from diffusion_align.distributed import LocalGroup
+from diffusion_align.errors import UserError
+from diffusion_align.losses import sample_truncation
+from diffusion_align.strategies.ddpo import per_sample_generators, sample_batch, step_rows
+
+
+@dataclass
+class AlignPropConfig:
+    truncation: Literal["gaussian", "uniform", "fixed"] = "gaussian"  # how the backprop cut is drawn
+    truncation_mean: float = 42.0  # gaussian cut mean (of 50 steps: ~8 trained steps)
+    truncation_std: float = 5.0  # gaussian cut std
+    truncation_low: int = 0  # uniform cut range [low, high)
+    truncation_high: int = 50
+    truncation_fixed: int = 49  # fixed cut (49 of 50 = K = 1)
+    loss_scale: float = 0.01  # loss = -loss_scale * reward (official loss_coeff 0.01)
+    gradient_checkpointing: bool = True  # recompute each UNet call of the window in backward (official)
+
+
+@dataclass
+class DRaFTConfig:
+    k: int = 1  # backprop through the last k steps (DRaFT-K; 1 is often best); 0 = the full chain (DRaFT)
+    lv_draws: int = 0  # DRaFT-LV: > 0 re-noises the final sample this many times (2 in reimplementations)
+    loss_scale: float = 1.0  # loss = -loss_scale * reward
+    gradient_checkpointing: bool = True  # recompute each UNet call of the window in backward
+
+
+class _RewardBackprop:
+    num_inner_epochs = 1
+
+    def __init__(self, config, policy, reward, sample, group=None):
+        bad = non_differentiable_components(reward)
+        if bad:
+            raise UserError(
+                f"{type(self).__name__} backpropagates through the reward, but component '{bad[0]}' is "
+                "not differentiable; use a differentiable reward (e.g. shapes_color_soft, aesthetic, hpsv2, "
+                "pickscore) or a likelihood strategy (ddpo, d3po, prdp)"
+            )
+        self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
+        self.group = group or LocalGroup()
+
+    @torch.no_grad()
+    def collect(self, prompts: list[str], generator) -> dict:
+        gens = per_sample_generators(generator, len(prompts), self.policy.backbone.device)
+        batch = sample_batch(self.policy, self.reward, self.sample, prompts, gens)
+        batch["noise_seeds"] = [int(torch.randint(0, 2**62, (), generator=g, device=g.device)) for g in gens]
+        return batch
+
+    def cut(self, generator) -> int:
+        raise NotImplementedError
+
+    def plan(self, batch: dict, batch_size: int, micro_batch_size: int, generator) -> list[list[dict]]:
+        order = torch.randperm(len(batch["prompts"]), generator=generator)
+        plan = []
+        for rows in step_rows(order, batch_size):
+            cut = self.cut(generator)  # one window per optimizer step: its micro-batches share it
+            plan.append(
+                [
+                    {
+                        "batch": batch,
+                        "rows": rows[m : m + micro_batch_size],
+                        "cut": cut,
+                        "weight": len(rows[m : m + micro_batch_size]) / len(rows),
+                    }
+                    for m in range(0, len(rows), micro_batch_size)
+                ]
+            )
+        return plan
+
+    def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
+        batch, rows = micro["batch"], micro["rows"]
+        latents = batch["latents"]
+        r = rows.to(latents.device)
+        prompts = [batch["prompts"][i] for i in rows.tolist()]
+        embeds = batch["embeds"][r]
+        device = self.policy.backbone.device
+        gens = [torch.Generator(device).manual_seed(batch["noise_seeds"][i]) for i in rows.tolist()]
+        draws = getattr(self.config, "lv_draws", 0)
+        if draws > 0:
+            x0 = latents[r, -1]
+            t = batch["timesteps"][-1]
+            a = self.policy.sampler.alphas_cumprod[int(t)].float().to(device)
+            totals = []
+            for _ in range(draws):
+                z = randn_tensor(x0.shape, generator=gens, device=device, dtype=x0.dtype)
+                x1 = a.sqrt() * x0 + (1 - a).sqrt() * z
+                images = self.policy.backbone.decode(
+                    self.denoise(x1, len(batch["timesteps"]) - 1, batch, embeds, gens)
+                )
+                totals.append(self.reward(images, prompts)[0])
+            total = torch.stack(totals).mean(0)
+        else:
+            x = latents[r, micro["cut"]]
+            images = self.policy.backbone.decode(self.denoise(x, micro["cut"], batch, embeds, gens))
+            total = self.reward(images, prompts)[0]
+        loss = -self.config.loss_scale * total.float().mean()
+        return loss, {
+            "reward_with_grad": total.detach().float().mean().item(),
+            "grad_steps": float(len(batch["timesteps"]) - micro["cut"]),
+        }
+
+    def denoise(self, x: Tensor, start: int, batch: dict, embeds, gens) -> Tensor:
+        """Steps start..S-1 from x, with gradient through every denoiser call (DDIM update as in rollout)."""
+        s, backbone, sampler = self.sample, self.policy.backbone, self.policy.sampler
+        for i in range(start, len(batch["timesteps"])):
+            t = batch["timesteps"][i].to(x.device)
+            if self.config.gradient_checkpointing:
+                out = grad_checkpoint(backbone.predict, x, t, embeds, s.guidance_scale, use_reentrant=False)
+            else:
+                out = backbone.predict(x, t, embeds, s.guidance_scale)
+            mean, std = sampler.transition(out, t, x, s.num_steps, s.eta)
+            if s.eta > 0:
+                x = mean + std * randn_tensor(x.shape, generator=gens, device=x.device, dtype=mean.dtype)
+            else:
+                x = mean
+        return x
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class AlignProp(_RewardBackprop):
+    def cut(self, generator) -> int:
+        c = self.config
+        return sample_truncation(
+            self.sample.num_steps,
+            c.truncation,
+            c.truncation_mean,
+            c.truncation_std,
+            c.truncation_low,
+            c.truncation_high,
+            c.truncation_fixed,
+            generator,
+        )
+
+
+class DRaFT(_RewardBackprop):
+    def __init__(self, config: DRaFTConfig, policy, reward, sample, group=None):
+        if not 0 <= config.k <= sample.num_steps:
+            raise UserError(
+                f"DRaFT k={config.k} must be between 0 (full chain) and sample.num_steps={sample.num_steps}"
+            )
+        if config.lv_draws > 0 and config.k != 1:
+            raise UserError(
+                f"DRaFT-LV (lv_draws={config.lv_draws}) backpropagates through the last step only: set k: 1"
+            )
+        super().__init__(config, policy, reward, sample, group)
+
+    def cut(self, generator) -> int:
+        k = self.config.k
+        return 0 if k == 0 else self.sample.num_steps - k
+
+
+def non_differentiable_components(reward) -> list[str]:
+    """Names of the reward's components that are not differentiable (through trainer/registry wrappers)."""
+    if getattr(reward, "differentiable", False):
+        return []
+    obj = reward
+    for _ in range(4):
+        parts = getattr(obj, "rewards", None)
+        if hasattr(parts, "items"):
+            return [n for n, r in parts.items() if not getattr(r, "differentiable", False)] or ["combined"]
+        obj = getattr(obj, "reward", None) or getattr(obj, "combined", None)
+        if obj is None:
+            break
+    return [getattr(reward, "name", type(reward).__name__)]

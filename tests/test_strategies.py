@@ -1,0 +1,305 @@
+"""Strategies on the tiny SD pipeline (32x32, 2 DDIM steps): on-policy ratio 1, micro-batch x accumulation
+equals one big batch, pairs/groups as published, gradients only in the LoRA, clear errors, resume state."""
+
+import json
+
+import pytest
+import torch
+
+import rewards
+from diffusion_align.backbones import StableDiffusionBackbone
+from diffusion_align.errors import UserError
+from diffusion_align.policy import Policy
+from diffusion_align.samplers import DDIMSampler
+from diffusion_align.settings import SampleSettings
+from diffusion_align.strategies.d3po import D3PO, D3POConfig, render_pairs
+from diffusion_align.strategies.ddpo import DDPO, DDPOConfig
+from diffusion_align.strategies.prdp import PRDP, PRDPConfig
+from diffusion_align.strategies.reward_backprop import AlignProp, AlignPropConfig, DRaFT, DRaFTConfig
+from diffusion_align.testing import tiny_sd
+from rewards.combine import Combined
+
+PROMPTS = [
+    "one large blue square at the bottom on a gray background",
+    "two small red triangles at the bottom on a gray background",
+    "two small yellow squares on the left on a gray background",
+    "three small red triangles on the left on a black background",
+]
+SAMPLE = SampleSettings(num_steps=2, eta=1.0, guidance_scale=5.0, batch_size=4)
+
+
+class Reward:
+    """The trainer's reward contract over `rewards.Combined`: (total (B,), {name: (B,)}), `differentiable`."""
+
+    def __init__(self, *names, weights=None):
+        self.combined = Combined({n: rewards.build(n) for n in names}, weights)
+        self.differentiable = self.combined.differentiable
+
+    def __call__(self, images, prompts):
+        return self.combined.score(images, prompts)
+
+
+def make_policy(seed=0, perturb=True):
+    pipe = tiny_sd()
+    backbone = StableDiffusionBackbone(pipe)
+    policy = Policy(backbone, DDIMSampler.from_scheduler(pipe.scheduler, eta=SAMPLE.eta), rank=4)
+    if perturb:  # a non-zero adapter, so A and B both get gradient and the LoRA path is exercised
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return policy
+
+
+def accumulated_grads(strategy, steps):
+    """sum over micro-batches of weight * grad(loss), as the trainer accumulates one optimizer step."""
+    params = strategy.policy.parameters()
+    for p in params:
+        p.grad = None
+    for micro in steps:
+        loss, _ = strategy.loss(micro)
+        (loss * micro["weight"]).backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def assert_same_grads(a, b, tol=1e-5):
+    """Equal up to `tol` relative to the largest gradient entry."""
+    scale = max(g.abs().max().item() for g in a)
+    assert scale > 0, "no gradient at all"
+    worst = max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
+    assert worst <= tol * scale, f"accumulated gradients differ by {worst} (scale {scale})"
+
+
+@pytest.fixture(scope="module")
+def policy():
+    """One perturbed policy shared by the tests (those that move its weights put them back)."""
+    return make_policy()
+
+
+def one_step(strategy, batch, micro):
+    plan = strategy.plan(batch, 4, micro, torch.Generator().manual_seed(5))
+    assert len(plan) == 1
+    assert abs(sum(m["weight"] for m in plan[0]) - 1) < 1e-9
+    return plan[0]
+
+
+# --- DDPO ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ddpo_setup(policy):
+    strategy = DDPO(DDPOConfig(stat_min_count=2, stat_buffer_size=4), policy, Reward("shapes_color"), SAMPLE)
+    batch = strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
+    return strategy, batch
+
+
+def test_ddpo_ratio_is_exactly_one_on_policy(ddpo_setup):
+    strategy, batch = ddpo_setup
+    assert batch["latents"].shape == (4, 3, 4, 16, 16) and batch["log_probs"].shape == (4, 2)
+    for micro in strategy.plan(batch, 4, 2, torch.Generator().manual_seed(1))[0]:
+        _, metrics = strategy.loss(micro)
+        assert metrics["ratio_max_deviation"] < 1e-6
+        assert metrics["clip_fraction"] == 0.0
+        assert metrics["approx_kl"] < 1e-12
+
+
+def test_ddpo_micro_batches_accumulate_to_the_big_batch(ddpo_setup):
+    strategy, batch = ddpo_setup
+    assert batch["advantages"].abs().sum() > 0
+    big, small = one_step(strategy, batch, 4), one_step(strategy, batch, 1)
+    assert len(big) == 2 and len(small) == 8  # 2 trained steps per sample
+    # float32 noise of a different UNet batch composition, amplified by 1/std^2 of the last (low-noise) step,
+    # is ~1e-4 of the gradient here; a wrong weighting would be off by a factor (>= 1e-1)
+    assert_same_grads(accumulated_grads(strategy, big), accumulated_grads(strategy, small), tol=2e-4)
+
+
+def test_ddpo_plan_shuffles_steps_per_sample_and_keeps_the_fraction(ddpo_setup):
+    strategy, batch = ddpo_setup
+    strategy.config.timestep_fraction = 0.5  # int(2 * 0.5) = 1 trained step per sample
+    try:
+        plan = strategy.plan(batch, 2, 2, torch.Generator().manual_seed(0))
+    finally:
+        strategy.config.timestep_fraction = 1.0
+    assert len(plan) == 2 and all(len(step) == 1 for step in plan)
+    rows = torch.cat([m["rows"] for step in plan for m in step])
+    assert sorted(rows.tolist()) == [0, 1, 2, 3]
+    full = strategy.plan(batch, 4, 1, torch.Generator().manual_seed(0))[0]
+    per_sample = {}
+    for m in full:
+        per_sample.setdefault(int(m["rows"]), []).append(int(m["steps"]))
+    assert all(sorted(v) == [0, 1] for v in per_sample.values())  # a permutation of all steps per sample
+    assert len({tuple(v) for v in per_sample.values()}) > 1  # drawn independently per sample
+
+
+def test_ddpo_kl_term_is_zero_at_the_base_model_and_positive_away_from_it():
+    base = make_policy(perturb=False)
+    strategy = DDPO(DDPOConfig(beta=0.5), base, Reward("shapes_color"), SAMPLE)
+    batch = strategy.collect(PROMPTS[:2], torch.Generator().manual_seed(0))
+    micro = strategy.plan(batch, 2, 2, torch.Generator().manual_seed(0))[0][0]
+    assert strategy.loss(micro)[1]["kl"] == 0.0
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05)
+    assert strategy.loss(micro)[1]["kl"] > 0
+
+
+def test_ddpo_state_dict_roundtrip(ddpo_setup):
+    strategy, _ = ddpo_setup
+    state = json.loads(json.dumps(strategy.state_dict()))  # plain data, so torch.save/load is safe too
+    fresh = DDPO(DDPOConfig(stat_min_count=2, stat_buffer_size=4), strategy.policy, strategy.reward, SAMPLE)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == strategy.state_dict() and state["tracker"]["buffers"]
+
+
+def test_gradient_reaches_only_lora_parameters(ddpo_setup):
+    strategy, batch = ddpo_setup
+    unet = strategy.policy.backbone.unet
+    unet.zero_grad(set_to_none=True)
+    loss, _ = strategy.loss(strategy.plan(batch, 4, 4, torch.Generator().manual_seed(0))[0][0])
+    loss.backward()
+    with_grad = {n for n, p in unet.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora" in n for n in with_grad)
+    assert all(not p.requires_grad for n, p in unet.named_parameters() if "lora" not in n)
+
+
+# --- D3PO ----------------------------------------------------------------------------------------------
+def test_d3po_pairs_share_noise_and_accumulate(policy):
+    strategy = D3PO(D3POConfig(), policy, Reward("shapes_color_soft"), SAMPLE)
+    prompts = [p for p in PROMPTS[:2] for _ in range(2)]
+    batch = strategy.collect(prompts, torch.Generator().manual_seed(0))
+    lat = batch["latents"]
+    assert torch.equal(lat[0::2, 0], lat[1::2, 0])  # the same x_T within a pair
+    assert not torch.equal(lat[0::2, 1], lat[1::2, 1])  # different step noise
+    assert not torch.equal(lat[0, 0], lat[2, 0])  # pairs do not share noise with each other
+    assert batch["prompts"][0::2] == batch["prompts"][1::2]
+    assert len(batch["win"]) == 2  # a continuous reward: every pair is decisive
+    r = batch["reward"]
+    assert (r[batch["win"]] > r[batch["lose"]]).all()
+    big, small = one_step(strategy, batch, 4), one_step(strategy, batch, 1)
+    assert len(big) == 2 and len(small) == 4  # 2 pairs per step (2 steps each), at least 1 pair per micro
+    assert_same_grads(accumulated_grads(strategy, big), accumulated_grads(strategy, small))
+
+
+def test_d3po_drops_ties_and_spreads_pairs_over_a_fixed_step_count(policy):
+    strategy = D3PO(D3POConfig(), policy, Reward("shapes_color"), SAMPLE)  # values in {0, .5, 1}: ties
+    batch = strategy.collect([p for p in PROMPTS for _ in range(2)], torch.Generator().manual_seed(3))
+    r = batch["reward"].view(-1, 2)
+    assert len(batch["win"]) == int((r[:, 0] != r[:, 1]).sum())
+    plan = strategy.plan(batch, 2, 2, torch.Generator().manual_seed(0))
+    assert len(plan) == max(1, len(batch["win"]))
+    for step in plan:
+        loss, _ = strategy.loss(step[0])
+        assert torch.isfinite(loss) and loss.requires_grad
+
+
+def test_d3po_human_labels_regenerate_the_pair_exactly(tmp_path, policy):
+    shown = render_pairs(policy, Reward("shapes_color"), SAMPLE, [(PROMPTS[0], 7), (PROMPTS[1], 8)])
+    assert shown["images"].shape == (4, 3, 32, 32)
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(
+        json.dumps({"prompt": PROMPTS[0], "seed": 7, "preferred": 1})
+        + "\n"
+        + json.dumps({"prompt": PROMPTS[1], "seed": 8, "preferred": 0})
+        + "\n"
+    )
+    strategy = D3PO(D3POConfig(human_labels=str(labels)), policy, Reward("shapes_color"), SAMPLE)
+    batch = strategy.collect(["ignored"] * 4, torch.Generator().manual_seed(0))
+    assert torch.equal(batch["latents"], shown["latents"])  # regenerated by the base model from the seed
+    assert batch["win"].tolist() == [1, 2] and batch["lose"].tolist() == [0, 3]
+    assert strategy.state_dict() == {"cursor": 0}  # two records, two pairs: wrapped around
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "seed": 1, "preferred": 2}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1: preferred must be 0"):
+        D3PO(D3POConfig(human_labels=str(bad)), policy, Reward("shapes_color"), SAMPLE)
+
+
+# --- PRDP ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prdp_setup(policy):
+    strategy = PRDP(
+        PRDPConfig(group_size=2, beta=0.1, eps=1e-3, refresh_every=2),
+        policy,
+        Reward("shapes_color_soft"),
+        SAMPLE,
+    )
+    batch = strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
+    return strategy, batch
+
+
+def test_prdp_groups_share_prompts_with_independent_noise(prdp_setup):
+    _, batch = prdp_setup
+    assert batch["prompts"] == [PROMPTS[0]] * 2 + [PROMPTS[2]] * 2
+    assert not torch.equal(batch["latents"][0, 0], batch["latents"][1, 0])
+
+
+def test_prdp_ratio_is_exactly_one_on_policy_and_accumulates(prdp_setup):
+    strategy, batch = prdp_setup
+    big, small = one_step(strategy, batch, 4), one_step(strategy, batch, 2)
+    assert len(big) == 1 and len(small) == 2
+    _, metrics = strategy.loss(big[0])
+    assert metrics["sampling_ratio_max_deviation"] < 1e-6  # re-scored exactly as sampled
+    assert metrics["ratio_max_deviation"] < 1e-6 and metrics["clip_fraction"] == 0.0
+    assert_same_grads(accumulated_grads(strategy, big), accumulated_grads(strategy, small))
+
+
+def test_prdp_refreshes_the_old_policy_every_k_steps_and_resumes(prdp_setup):
+    strategy, batch = prdp_setup
+    fresh = PRDP(strategy.config, strategy.policy, strategy.reward, SAMPLE)
+    micro = one_step(fresh, batch, 4)[0]
+    before = [o.clone() for o in fresh.old]
+    params = fresh.policy.parameters()
+    for step in range(3):  # loss, then an "optimizer step" that moves the weights
+        loss, metrics = fresh.loss(micro)
+        if step == 1:  # one update since the refresh: clipped against the stale copy
+            assert metrics["ratio_max_deviation"] > 1e-6
+        with torch.no_grad():
+            for p in params:
+                p.add_(1e-3)
+    # K = 2: the third call (after 2 completed steps) refreshed the copy to the weights of that moment
+    assert fresh.refreshed_at == 2
+    assert all(torch.allclose(o, b + 2e-3) for o, b in zip(fresh.old, before, strict=True))
+    state = fresh.state_dict()
+    other = PRDP(strategy.config, strategy.policy, strategy.reward, SAMPLE)
+    other.load_state_dict(state)
+    assert other.refreshed_at == 2 and other.weight_seen == fresh.weight_seen
+    assert all(torch.equal(a, b) for a, b in zip(other.old, fresh.old, strict=True))
+    with torch.no_grad():
+        for p in params:
+            p.sub_(3e-3)
+
+
+# --- reward backprop -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "cls, config",
+    [
+        (AlignProp, AlignPropConfig(truncation="fixed", truncation_fixed=1)),
+        (DRaFT, DRaFTConfig(k=1, lv_draws=2)),
+    ],
+    ids=["alignprop", "draft-lv"],
+)
+def test_reward_backprop_accumulates_with_the_same_noise(cls, config, policy):
+    strategy = cls(config, policy, Reward("shapes_color_soft"), SAMPLE)
+    batch = strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
+    big, small = one_step(strategy, batch, 4), one_step(strategy, batch, 1)
+    assert len(big) == 1 and len(small) == 4
+    assert_same_grads(accumulated_grads(strategy, big), accumulated_grads(strategy, small))
+
+
+def test_draft_windows(policy):
+    strategy = DRaFT(DRaFTConfig(k=1), policy, Reward("shapes_color_soft"), SAMPLE)
+    batch = strategy.collect(PROMPTS[:2], torch.Generator().manual_seed(0))
+    micro = one_step(strategy, batch, 2)[0]
+    assert micro["cut"] == 1
+    for p in policy.parameters():
+        p.grad = None
+    loss, metrics = strategy.loss(micro)
+    loss.backward()
+    assert metrics["grad_steps"] == 1.0 and all(p.grad is not None for p in policy.parameters())
+    full = DRaFT(DRaFTConfig(k=0), policy, Reward("shapes_color_soft"), SAMPLE)
+    assert one_step(full, batch, 2)[0]["cut"] == 0  # the whole chain from x_T
+
+
+def test_reward_backprop_rejects_a_non_differentiable_reward(policy):
+    reward = Reward("shapes_color_soft", "jpeg_compressibility")
+    with pytest.raises(UserError, match="component 'jpeg_compressibility' is not differentiable"):
+        AlignProp(AlignPropConfig(), policy, reward, SAMPLE)
+    with pytest.raises(UserError, match="DRaFT-LV"):
+        DRaFT(DRaFTConfig(k=2, lv_draws=2), policy, Reward("shapes_color_soft"), SAMPLE)
