@@ -55,7 +55,9 @@ def make_grid(
 def save_grid(
     images: torch.Tensor, path: str | Path, captions: list[str] | None = None, cols: int | None = None
 ) -> Path:
-    """Save a captioned grid of (N, 3, H, W) in [0, 1]; small images are upscaled so captions stay legible."""
+    """Save a captioned grid of (N, 3, H, W) in [0, 1] (videos (N, T, 3, H, W): their first frames); small
+    images are upscaled so captions stay legible."""
+    images = images[:, 0] if images.ndim == 5 else images
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, 128 // images.shape[-1]) if captions else 1

@@ -314,3 +314,35 @@ def test_lora_target_names_from_file_keys():
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.down.weight"
     ) == ("to_out.0")
     assert _module_name("unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight") == "to_k"
+
+
+def test_grad_decode_frames_decodes_a_random_subset_only_under_gradient():
+    backbone, _ = _backbone("tiny-animatediff")
+    backbone.grad_decode_frames = 1
+    latents = torch.randn(2, 4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert backbone.decode(latents).shape == (2, 4, 3, 32, 32)  # sampling / evaluation: every frame
+    assert backbone.decode(latents).shape == (2, 4, 3, 32, 32)  # no gradient needed: every frame
+    subset = backbone.decode(latents.requires_grad_(True))
+    assert subset.shape == (2, 1, 3, 32, 32)
+    with torch.no_grad():  # and it is one of the video's own frames
+        full = backbone.decode(latents)
+    assert all(any((subset[b, 0] - full[b, t]).abs().max() < 1e-5 for t in range(4)) for b in range(2))
+
+
+def test_frame_reward_from_config_lifts_a_registered_image_reward():
+    import rewards
+
+    reward = rewards.build(
+        "diffusion_align.video_rewards:frame_reward", reward="shapes_color_soft", mode="random", k=1, seed=0
+    )
+    assert reward.differentiable
+    video = torch.rand(2, 4, 3, 32, 32, requires_grad=True)
+    score = reward(video, PROMPTS)
+    assert score.shape == (2,)
+    score.sum().backward()
+    per_video_frames = (video.grad.abs().sum(dim=(2, 3, 4)) > 0).sum(1)
+    assert per_video_frames.tolist() == [1, 1]  # one random frame of each video is scored
+    image_score = ShapesColorSoftReward()(video[0].detach(), [PROMPTS[0]] * 4)
+    frame = (video.grad[0].abs().sum(dim=(1, 2, 3)) > 0).nonzero().item()
+    assert abs(score[0].item() - image_score[frame].item()) < 1e-6

@@ -27,17 +27,24 @@ class VideoBackbone(StableDiffusionBackbone):
 
     num_frames: clip length T drawn by `initial_noise` (None = the pipeline's `default_num_frames` attribute
     if set, as on the tiny test pipelines, else 16). Any T works afterwards: `predict` reads it from x_t.
+    grad_decode_frames: when `decode` runs with gradient (reward backprop) and no explicit `frames`, decode
+    only this many random frames per video (VADER's `decode_frame=-1` is 1); None = all frames. Sampling,
+    collection and evaluation (no gradient) always decode every frame.
     """
 
     is_video = True
 
-    def __init__(self, pipe, num_frames: int | None = None):
+    def __init__(
+        self, pipe, num_frames: int | None = None, grad_decode_frames: int | None = None, seed: int = 0
+    ):
         super().__init__(pipe)
         self.is_xl = False
         # UNetMotionModel runs its 2-D layers on (B*T) frames and expects one text embedding per frame;
         # UNet3DConditionModel repeats the (B, L, D) embeddings over frames itself.
         self.text_per_frame = type(self.unet).__name__ == "UNetMotionModel"
         self.num_frames = int(num_frames or getattr(pipe, "default_num_frames", DEFAULT_NUM_FRAMES))
+        self.grad_decode_frames = grad_decode_frames
+        self.frame_generator = torch.Generator().manual_seed(seed)  # draws of the grad-time frame subsets
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         # the MotionAdapter's weights were copied into the UNetMotionModel; the pipeline still holds it
@@ -66,12 +73,18 @@ class VideoBackbone(StableDiffusionBackbone):
     ) -> Tensor:
         """Latents (B, C, T, h, w) -> video (B, S, 3, H, W) in [0, 1]. Differentiable.
 
-        frames: None = all T frames (S = T); a list / (S,) tensor of frame indices shared by every video; or
-        (B, S) indices per video (e.g. `rewards.video.select_frames`). Only those frames go through the VAE.
+        frames: None = all T frames (S = T), or `grad_decode_frames` random ones under gradient; a list /
+        (S,) tensor of frame indices shared by every video; or (B, S) indices per video (e.g.
+        `rewards.video.select_frames`). Only those frames go through the VAE.
         chunk_size: frames per VAE call (bounds peak memory as the pipelines' `decode_chunk_size` does).
         """
         b = latents.shape[0]
         per_frame = latents.transpose(1, 2)  # (B, T, C, h, w)
+        if frames is None and self.grad_decode_frames and torch.is_grad_enabled() and latents.requires_grad:
+            from rewards.video import select_frames
+
+            k = self.grad_decode_frames
+            frames = select_frames(b, latents.shape[2], "random", k, self.frame_generator)
         if frames is not None:
             idx = torch.as_tensor(frames, device=latents.device, dtype=torch.long)
             if idx.ndim == 1:
