@@ -5,9 +5,10 @@ One step = DDIM-eta rollout of `--steps` steps with gradient through the last K 
 all T frames or of one random frame (VADER's default `decode_frame=-1`), a differentiable pixel reward, and
 backward into the LoRA. "ours" goes through `rollout` + `VideoBackbone.decode` + `Policy`; "bare" is the lower
 bound: the same UNet/VAE calls written inline (scheduler.step for the update, no log-probs, no trajectory
-storage). Each (implementation, setting) runs in its own subprocess so peak RSS (ru_maxrss) is its own;
-`model MB` is the RSS after building the model, `step MB` the extra peak during the steps. Time is the median
-of the repeats after a warm-up.
+storage). Memory: each (implementation, setting) runs one step in its own subprocess, so the peak RSS
+(ru_maxrss) is its own; `model MB` is the RSS after building the model, `step MB` the extra peak of the step.
+Time: a third subprocess alternates ours and bare (so background load hits both alike) and reports medians
+of the repeats after a warm-up; ratio = ours / bare.
 
     python benchmarks/bench_video.py                       # "small" AnimateDiff, T in 4 8 16, K in 1 2
     python benchmarks/bench_video.py --model tiny --frames 4 8 --windows 1
@@ -137,15 +138,18 @@ def child(impl: str, model: str, frames: int, window: int, subset: bool, steps: 
         image = vae.decode(lat / vae.config.scaling_factor, return_dict=False)[0]
         (-(image / 2 + 0.5).clamp(0, 1).mean()).backward()
 
-    fn = ours if impl == "ours" else bare
     model_mb = _rss_mb()
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        policy.backbone.unet.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"model_mb": model_mb, "step_mb": _rss_mb() - model_mb, "seconds": statistics.median(times[1:])}
+    if impl != "time":
+        (ours if impl == "ours" else bare)()
+        return {"model_mb": model_mb, "step_mb": _rss_mb() - model_mb}
+    times = {"ours": [], "bare": []}
+    for _ in range(repeats + 1):  # the first round is a warm-up
+        for name, fn in (("ours", ours), ("bare", bare)):
+            policy.backbone.unet.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
 
 
 def run_child(args, impl, frames, window, subset) -> dict:
@@ -177,9 +181,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--windows", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--child", choices=["ours", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ours", "bare", "time"], help=argparse.SUPPRESS)
     parser.add_argument("--subset", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -199,10 +203,11 @@ def main() -> None:
             for subset in (False, True):
                 ours = run_child(args, "ours", frames, window, subset)
                 bare = run_child(args, "bare", frames, window, subset)
+                t = run_child(args, "time", frames, window, subset)
                 print(
                     f"{frames:>3} {window:>2} {'1 frm' if subset else 'all':>6} {ours['model_mb']:>9.0f} "
-                    f"{ours['step_mb']:>8.0f} {bare['step_mb']:>8.0f} {ours['seconds']:>7.3f} "
-                    f"{bare['seconds']:>7.3f} {ours['seconds'] / bare['seconds']:>6.2f}",
+                    f"{ours['step_mb']:>8.0f} {bare['step_mb']:>8.0f} {t['ours']:>7.3f} "
+                    f"{t['bare']:>7.3f} {t['ours'] / t['bare']:>6.2f}",
                     flush=True,
                 )
 
