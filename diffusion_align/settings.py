@@ -15,7 +15,9 @@ from diffusion_align.strategies import STRATEGY_CONFIGS
 
 @dataclass
 class ModelSettings:
-    pretrained: str = "tiny-sd"  # built-in name (tiny-sd, tiny-sdxl, shapes), local diffusers folder or hub id
+    pretrained: str = (
+        "tiny-sd"  # built-in name (tiny-sd, tiny-sdxl, shapes), local diffusers folder or hub id
+    )
     revision: str | None = None  # hub revision (branch, tag or commit)
     variant: str | None = None  # weight-file variant on the hub, e.g. "fp16"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # frozen base weights; LoRA trains in fp32
@@ -51,7 +53,9 @@ class RewardSettings:
     name: str = "jpeg_compressibility"  # a registered reward (see `rewards.REWARDS`) or "package.module:attr"
     weight: float = 1.0  # weight in the combined reward
     normalize: bool = False  # standardise by running mean/std before weighting
-    args: dict = field(default_factory=dict)  # passed to the reward's from_pretrained, e.g. {pretrained: /path}
+    args: dict = field(
+        default_factory=dict
+    )  # passed to the reward's from_pretrained, e.g. {pretrained: /path}
 
 
 @dataclass
@@ -63,7 +67,9 @@ class StrategySettings:
 
 @dataclass
 class PromptSettings:
-    train: str = "shapes_train"  # built-in list (see diffusion_align.prompts), a .txt (one per line) or .jsonl file
+    train: str = (
+        "shapes_train"  # built-in list (see diffusion_align.prompts), a .txt (one per line) or .jsonl file
+    )
     eval: str = "shapes_heldout"  # held-out prompts for evaluation grids and the before/after reward
     eval_count: int = 16  # how many eval prompts to use (the first N)
 
@@ -108,6 +114,8 @@ class Config:
     sample: SampleSettings = field(default_factory=SampleSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     rewards: list[RewardSettings] = field(default_factory=lambda: [RewardSettings()])
+    # extra rewards measured on the eval prompts only (not optimised), e.g. a detector of prompt adherence
+    eval_rewards: list[RewardSettings] = field(default_factory=list)
     strategy: StrategySettings | None = None  # None for commands that only sample
     prompts: PromptSettings = field(default_factory=PromptSettings)
     train: TrainSettings = field(default_factory=TrainSettings)

@@ -138,6 +138,7 @@ class Trainer:
         self.policy = build_policy(self.backbone, config.sample, config.lora)
         self.reward_fn = build_reward(config.rewards, acc.device)
         self.reward = RecordingReward(self.reward_fn)
+        self.eval_reward_fn = build_reward(config.eval_rewards, acc.device) if config.eval_rewards else None
         self.group = AccelerateGroup(acc)
         self.strategy = strategy_class(config.strategy)(
             config.strategy, self.policy, self.reward, config.sample, group=self.group
@@ -390,15 +391,20 @@ class Trainer:
                         generator=gens,
                     )
                 images.append(traj.images.float().cpu())
-                parts.append(
-                    {k: v.cpu() for k, v in self.reward_fn.components(traj.images.float(), prompts).items()}
-                )
+                scores = self.reward_fn.components(traj.images.float(), prompts)
+                if self.eval_reward_fn is not None:
+                    extra = self.eval_reward_fn.components(traj.images.float(), prompts)
+                    scores.update({f"extra/{k}": v for k, v in extra.items()})
+                parts.append({k: v.cpu() for k, v in scores.items()})
             images = torch.cat(images)
             components = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            total = self.reward_fn.raw_total(components)
+            total = self.reward_fn.raw_total({k: components[k] for k in self.reward_fn.names})
             result = {
                 "reward": total.mean().item(),
-                **{f"reward/{k}": v.mean().item() for k, v in components.items()},
+                **{
+                    k if k.startswith("extra/") else f"reward/{k}": v.mean().item()
+                    for k, v in components.items()
+                },
             }
             bad = [k for k, v in result.items() if not math.isfinite(v)]
             if bad:
