@@ -64,6 +64,7 @@ def build_reward(rewards_settings: list[RewardSettings], device=None) -> RewardF
     """The configured rewards as one weighted sum; component names are the reward names (`name_2`, ... when a
     reward appears twice, e.g. with different args)."""
     import rewards as rewards_lib
+    from diffusion_align.zoo import resolve_reward_args
     from rewards.combine import Combined
 
     if not rewards_settings:
@@ -76,7 +77,7 @@ def build_reward(rewards_settings: list[RewardSettings], device=None) -> RewardF
         key = name
         while key in models:
             key, n = f"{name}_{n}", n + 1
-        models[key] = rewards_lib.build(settings.name, **settings.args)
+        models[key] = rewards_lib.build(settings.name, **resolve_reward_args(settings.args))
         weights[key] = float(settings.weight)
         normalize[key] = "running" if settings.normalize else None
     combined = Combined(models, weights, normalize)

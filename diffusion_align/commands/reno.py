@@ -87,16 +87,13 @@ def build_rewards(specs: list[str], reward_args: list[str], device) -> tuple[dic
     import rewards
     from diffusion_align.commands.score import parse_reward_args, parse_reward_specs
     from diffusion_align.reno import RENO_DEFAULT_WEIGHTS
-    from diffusion_align.zoo import BUNDLED
+    from diffusion_align.zoo import resolve_reward_args
 
     parsed = parse_reward_specs(specs)
     explicit = {spec.partition("=")[0].strip() for spec in specs if "=" in spec}
     weights = {n: w if n in explicit else RENO_DEFAULT_WEIGHTS.get(n, 1.0) for n, w in parsed}
     kwargs = parse_reward_args(reward_args, list(weights))
-    for args in kwargs.values():
-        if args.get("pretrained") in BUNDLED:
-            args["pretrained"] = str(BUNDLED[args["pretrained"]])
-    return {n: rewards.build(n, **kwargs[n]).to(device) for n in weights}, weights
+    return {n: rewards.build(n, **resolve_reward_args(kwargs[n])).to(device) for n in weights}, weights
 
 
 def _load(name: str, args):

@@ -301,6 +301,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import rewards
+    from diffusion_align.zoo import resolve_reward_args
     from rewards.io import LoadFailure, find_media, group_by_shape, load_many
 
     if args.batch_size < 1:
@@ -321,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise UserError(f"no image or video files found in {' '.join(args.paths)}")
 
-    image_rewards = {n: rewards.build(n, **reward_args[n]).to(device) for n in names}
+    image_rewards = {n: rewards.build(n, **resolve_reward_args(reward_args[n])).to(device) for n in names}
     video_rewards: dict = {}  # built on first video: the per-frame lifting of each image reward
     gen = torch.Generator().manual_seed(args.seed)
 

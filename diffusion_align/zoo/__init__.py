@@ -28,3 +28,11 @@ def bundled_path(name: str) -> Path:
             f"`diffusion-align zoo build shapes --out {path.parent}`"
         )
     return path
+
+
+def resolve_reward_args(args: dict) -> dict:
+    """A reward's loader arguments with a bundled name (`pretrained: shapes-clip`) replaced by its folder
+    (the rewards package cannot resolve it: it never imports diffusion_align)."""
+    if args.get("pretrained") in BUNDLED:
+        return {**args, "pretrained": str(bundled_path(args["pretrained"]))}
+    return dict(args)
