@@ -13,7 +13,7 @@ from diffusion_align.policy import Policy
 from diffusion_align.samplers import DDIMSampler
 from diffusion_align.settings import SampleSettings
 from diffusion_align.strategies.d3po import D3PO, D3POConfig, render_pairs
-from diffusion_align.strategies.ddpo import DDPO, DDPOConfig
+from diffusion_align.strategies.ddpo import DDPO, DDPOConfig, transition_inputs
 from diffusion_align.strategies.prdp import PRDP, PRDPConfig
 from diffusion_align.strategies.reward_backprop import AlignProp, AlignPropConfig, DRaFT, DRaFTConfig
 from diffusion_align.testing import tiny_sd
@@ -109,6 +109,35 @@ def test_ddpo_micro_batches_accumulate_to_the_big_batch(ddpo_setup):
     # float32 noise of a different UNet batch composition, amplified by 1/std^2 of the last (low-noise) step,
     # is ~1e-4 of the gradient here; a wrong weighting would be off by a factor (>= 1e-1)
     assert_same_grads(accumulated_grads(strategy, big), accumulated_grads(strategy, small), tol=2e-4)
+
+
+def test_ddpo_step_raises_the_likelihood_of_high_advantage_samples(ddpo_setup):
+    """One small gradient step on the loss moves log-probs along the advantages: sum A * dlogp > 0."""
+    strategy, batch = ddpo_setup
+    step = one_step(strategy, batch, 4)
+    grads = accumulated_grads(strategy, step)
+
+    def surrogate():
+        with torch.no_grad():
+            total = 0.0
+            for micro in step:
+                x_t, x_prev, t, embeds = transition_inputs(batch, micro["rows"], micro["steps"])
+                logp = strategy.policy.log_prob(
+                    x_t, x_prev, t, embeds, SAMPLE.guidance_scale, SAMPLE.num_steps
+                )
+                total += (batch["advantages"][micro["rows"]] * logp).sum().item()
+            return total
+
+    before = surrogate()
+    params = strategy.policy.parameters()
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.sub_(1e-2 * g)
+    after = surrogate()
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p.add_(1e-2 * g)
+    assert after > before
 
 
 def test_ddpo_plan_shuffles_steps_per_sample_and_keeps_the_fraction(ddpo_setup):

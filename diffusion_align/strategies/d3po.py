@@ -28,7 +28,7 @@ from torch import Tensor
 from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
 from diffusion_align.losses import d3po_loss, preference_pairs
-from diffusion_align.strategies.ddpo import image_size, sample_batch, transition_inputs
+from diffusion_align.strategies.ddpo import image_size, per_sample_generators, sample_batch, transition_inputs
 
 SECOND_IMAGE_SEED_OFFSET = 2**40
 
@@ -78,8 +78,6 @@ class D3PO:
 
     def _collect_reward(self, prompts: list[str], generator) -> tuple[dict, Tensor]:
         backbone, n = self.policy.backbone, len(prompts)
-        from diffusion_align.strategies.ddpo import per_sample_generators
-
         gens = per_sample_generators(generator, n, backbone.device)
         pair_prompts = [p for p in prompts[0::2] for _ in range(2)]
         x_T = torch.cat([backbone.initial_noise(1, [g], image_size(self.sample)) for g in gens[0::2]])
