@@ -460,7 +460,7 @@ class Trainer:
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         self.reward_fn.load_state_dict(torch.load(folder / "reward.pt", weights_only=True))
         if (folder / "strategy.pt").is_file() and hasattr(self.strategy, "load_state_dict"):
-            self.strategy.load_state_dict(torch.load(folder / "strategy.pt", weights_only=False))
+            self.strategy.load_state_dict(torch.load(folder / "strategy.pt", weights_only=True))
         checkpointing.load_rng(folder, self.rank)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.seconds_before = state["seconds"]
