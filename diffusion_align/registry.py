@@ -11,6 +11,16 @@ from diffusion_align.settings import LoraSettings, ModelSettings, RewardSettings
 
 def build_backbone(model: ModelSettings):
     backbone = load_backbone(model.pretrained, model.dtype, model.device, model.revision, model.variant)
+    video = {"num_frames": model.num_frames, "grad_decode_frames": model.grad_decode_frames}
+    if hasattr(backbone, "num_frames"):
+        for key, value in video.items():
+            if value is not None:
+                setattr(backbone, key, value)
+    elif any(v is not None for v in video.values()):
+        raise UserError(
+            f"model.num_frames and model.grad_decode_frames apply to video models; {model.pretrained} makes "
+            "images: remove them"
+        )
     backbone.enable_memory_options(
         gradient_checkpointing=model.gradient_checkpointing,
         vae_slicing=model.vae_slicing,

@@ -26,6 +26,12 @@ class ModelSettings:
     vae_slicing: bool = False  # decode one image at a time
     vae_tiling: bool = False  # decode in tiles (large resolutions)
     attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers needs the [xformers] extra
+    num_frames: int | None = (
+        None  # video models: clip length (None = the pipeline's default, 16 for AnimateDiff)
+    )
+    grad_decode_frames: int | None = (
+        None  # video reward backprop: decode only this many random frames (VADER)
+    )
 
 
 @dataclass

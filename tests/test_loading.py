@@ -44,3 +44,16 @@ def test_unsupported_pipeline_class_is_named(tmp_path):
 def test_unknown_dtype_lists_choices():
     with pytest.raises(UserError, match="float32, float16, bfloat16"):
         load_backbone("tiny-sd", dtype="fp8")
+
+
+def test_video_settings_reach_the_backbone_and_are_refused_for_images():
+    from diffusion_align.config import load_config
+    from diffusion_align.registry import build_backbone
+
+    config = load_config(
+        {"model": {"pretrained": "tiny-animatediff", "num_frames": 3, "grad_decode_frames": 1}}
+    )
+    backbone = build_backbone(config.model)
+    assert backbone.initial_noise(1).shape[2] == 3 and backbone.grad_decode_frames == 1
+    with pytest.raises(UserError, match="apply to video models"):
+        build_backbone(load_config({"model": {"pretrained": "tiny-sd", "num_frames": 3}}).model)
