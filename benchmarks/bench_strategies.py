@@ -6,9 +6,9 @@
 
 Time: one iteration = collect + plan + every micro-batch's loss/backward + optimizer step, through the real
 trainer-facing interface. The lower bound replays exactly the denoiser calls that iteration made (recorded by
-a forward hook: same input shapes, same grad/no-grad, a backward for each grad call) in a plain loop, on the
-same model in the same process. Ratio = strategy / bound (target <= 1.15; the rest is VAE decode, reward,
-log-prob math and bookkeeping).
+forward hooks: same input shapes, same grad/no-grad, a backward for each grad call) and VAE-decoder calls in a
+plain loop, on the same model in the same process. Ratio = strategy / bound (target <= 1.15; the rest is the
+reward, log-prob math, the optimizer and bookkeeping).
 
 Memory: peak RSS (resource.getrusage maxrss) of a fresh subprocess per setting on CPU (tracemalloc does not
 see torch's allocator), torch.cuda.max_memory_allocated on GPU.
@@ -76,24 +76,35 @@ def iteration(policy, strategy, prompts, optimizer, micro: int, seed: int) -> No
             optimizer.step()
 
 
-def record_calls(unet):
+def record_calls(unet, decoder):
+    """Record every denoiser and VAE-decoder call: (kind, input shapes, grad enabled)."""
     calls = []
 
-    def hook(module, args, kwargs, out):
+    def unet_hook(module, args, kwargs, out):
         hidden = kwargs.get("encoder_hidden_states")
-        calls.append((tuple(args[0].shape), tuple(hidden.shape), torch.is_grad_enabled()))
+        calls.append(("unet", (tuple(args[0].shape), tuple(hidden.shape)), torch.is_grad_enabled()))
 
-    return calls, unet.register_forward_hook(hook, with_kwargs=True)
+    def decoder_hook(module, args, kwargs, out):
+        calls.append(("decoder", (tuple(args[0].shape),), torch.is_grad_enabled()))
+
+    handles = [
+        unet.register_forward_hook(unet_hook, with_kwargs=True),
+        decoder.register_forward_hook(decoder_hook, with_kwargs=True),
+    ]
+    return calls, handles
 
 
-def bare(unet, calls, device, dtype) -> None:
-    """The recorded denoiser calls, nothing else: forward, and backward for the ones that had gradient."""
+def bare(backbone, calls, device, dtype) -> None:
+    """The recorded denoiser and decoder calls, nothing else: forward, and a backward for those with gradient
+    (the decoder's backward is part of reward backprop: pixels -> latents)."""
     t = torch.tensor(500, device=device)
-    for x_shape, h_shape, grad in calls:
-        x = torch.randn(x_shape, device=device, dtype=dtype)
-        h = torch.randn(h_shape, device=device, dtype=dtype)
+    for kind, shapes, grad in calls:
+        inputs = [torch.randn(shape, device=device, dtype=dtype, requires_grad=grad) for shape in shapes]
         with torch.set_grad_enabled(grad):
-            out = unet(x, t, encoder_hidden_states=h, return_dict=False)[0]
+            if kind == "unet":
+                out = backbone.unet(inputs[0], t, encoder_hidden_states=inputs[1], return_dict=False)[0]
+            else:
+                out = backbone.vae.decoder(inputs[0])
         if grad:
             out.float().mean().backward()
 
@@ -108,11 +119,12 @@ def time_strategy(args, name: str) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     prompts = captions(args.samples)
     iteration(policy, strategy, prompts, optimizer, args.micro, 0)  # warm-up
-    calls, handle = record_calls(backbone.unet)
+    calls, handles = record_calls(backbone.unet, backbone.vae.decoder)
     iteration(policy, strategy, prompts, optimizer, args.micro, 1)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     recorded = list(calls)
-    bare(backbone.unet, recorded, backbone.device, backbone.dtype)  # warm-up
+    bare(backbone, recorded, backbone.device, backbone.dtype)  # warm-up
     strategy_s, bare_s = [], []
     for r in range(args.repeats):  # interleaved so load changes hit both alike
         sync(args.device)
@@ -120,7 +132,7 @@ def time_strategy(args, name: str) -> dict:
         iteration(policy, strategy, prompts, optimizer, args.micro, 2 + r)
         sync(args.device)
         t1 = time.perf_counter()
-        bare(backbone.unet, recorded, backbone.device, backbone.dtype)
+        bare(backbone, recorded, backbone.device, backbone.dtype)
         sync(args.device)
         t2 = time.perf_counter()
         strategy_s.append(t1 - t0)
@@ -128,7 +140,8 @@ def time_strategy(args, name: str) -> dict:
     s, b = min(strategy_s), min(bare_s)
     return {
         "strategy": name,
-        "unet_calls": len(recorded),
+        "unet_calls": sum(c[0] == "unet" for c in recorded),
+        "decoder_calls": sum(c[0] == "decoder" for c in recorded),
         "grad_calls": sum(c[2] for c in recorded),
         "iteration_s": round(s, 4),
         "bare_s": round(b, 4),

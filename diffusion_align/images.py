@@ -36,7 +36,7 @@ def save_images(images: torch.Tensor, directory: str | Path, names: list[str]) -
 def make_grid(
     images: torch.Tensor, captions: list[str] | None = None, cols: int | None = None, scale: int = 1
 ) -> Image.Image:
-    """(N, 3, H, W) in [0, 1] -> one PIL grid, each tile upscaled `scale`x (nearest) with its caption below."""
+    """(N, 3, H, W) in [0, 1] -> one PIL grid; tiles upscaled `scale`x (nearest), captions below."""
     n, _, h, w = images.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)

@@ -30,7 +30,8 @@ class DDIMSampler:
         self.prediction_type = config.prediction_type
         self.num_train_timesteps = config.num_train_timesteps
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
-        self.final_alpha_cumprod = torch.tensor(1.0 if config.set_alpha_to_one else float(self.alphas_cumprod[0]), dtype=torch.float64)
+        final = 1.0 if config.set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.final_alpha_cumprod = torch.tensor(final, dtype=torch.float64)
         self.clip_sample = config.clip_sample
         self.clip_sample_range = getattr(config, "clip_sample_range", 1.0)
         if getattr(config, "thresholding", False):
@@ -50,7 +51,7 @@ class DDIMSampler:
         return self.scheduler.timesteps.clone()
 
     def _alphas(self, t: Tensor | int, num_steps: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha_bar at t and at t - T/num_steps (final_alpha_cumprod below 0), shaped to broadcast on `like`."""
+        """alpha_bar at t and at t - T/num_steps (final_alpha_cumprod below 0), broadcastable on `like`."""
         t = torch.as_tensor(t, device="cpu").long().reshape(-1)
         prev_t = t - self.num_train_timesteps // num_steps
         a_t = self.alphas_cumprod[t]

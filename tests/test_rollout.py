@@ -20,7 +20,16 @@ def _ours(backbone, sampler, prompts, steps, guidance, eta, seed=0, negative=Non
     g = torch.Generator().manual_seed(seed)
     embeds = backbone.encode_prompts(prompts, negative_prompt=negative, guidance=guidance > 1)
     with torch.no_grad():
-        return rollout(backbone, sampler, embeds, backbone.initial_noise(len(prompts), g), steps, guidance, eta, generator=g)
+        return rollout(
+            backbone,
+            sampler,
+            embeds,
+            backbone.initial_noise(len(prompts), g),
+            steps,
+            guidance,
+            eta,
+            generator=g,
+        )
 
 
 @pytest.mark.parametrize("pipe_name", ["sd", "sdxl"])
@@ -30,8 +39,15 @@ def test_rollout_reproduces_pipeline(pipe_name, eta, request):
     backbone, sampler = _setup(pipe, eta)
     negative = "blurry" if pipe_name == "sd" else None
     expected = pipe(
-        PROMPTS, num_inference_steps=6, guidance_scale=6.0, eta=eta, negative_prompt=negative and [negative] * 2,
-        generator=torch.Generator().manual_seed(0), output_type="pt", height=32, width=32,
+        PROMPTS,
+        num_inference_steps=6,
+        guidance_scale=6.0,
+        eta=eta,
+        negative_prompt=negative and [negative] * 2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        height=32,
+        width=32,
     ).images
     ours = _ours(backbone, sampler, PROMPTS, 6, 6.0, eta, negative=negative)
     assert (ours.images - expected).abs().max() <= 1e-4
@@ -40,8 +56,13 @@ def test_rollout_reproduces_pipeline(pipe_name, eta, request):
 
 def test_rollout_without_guidance_reproduces_pipeline(sd):
     backbone, sampler = _setup(sd, 0.0)
-    expected = sd(PROMPTS, num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(3),
-                  output_type="pt").images
+    expected = sd(
+        PROMPTS,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(3),
+        output_type="pt",
+    ).images
     ours = _ours(backbone, sampler, PROMPTS, 4, 1.0, 0.0, seed=3)
     assert (ours.images - expected).abs().max() <= 1e-4
 
@@ -74,7 +95,15 @@ def test_log_probs_do_not_depend_on_batch_size(sd):
         full = rollout(backbone, sampler, embeds, backbone.initial_noise(3, gens), 4, 5.0, generator=gens)
         gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
         singles = [
-            rollout(backbone, sampler, embeds[[i]], backbone.initial_noise(1, [gens[i]]), 4, 5.0, generator=[gens[i]])
+            rollout(
+                backbone,
+                sampler,
+                embeds[[i]],
+                backbone.initial_noise(1, [gens[i]]),
+                4,
+                5.0,
+                generator=[gens[i]],
+            )
             for i in range(3)
         ]
     torch.testing.assert_close(full.log_probs, torch.cat([s.log_probs for s in singles]), atol=1e-5, rtol=0)
@@ -104,7 +133,7 @@ def test_gradient_only_inside_window(sd):
     assert all(g is not None and g.abs().sum() > 0 for g in last)
     # the gradient through the last step alone differs from the gradient through the last two
     _, two = _param_grads(backbone, sampler, policy, grad_steps=[-2, -1])
-    assert any((a - b).abs().max() > 1e-9 for a, b in zip(last, two))
+    assert any((a - b).abs().max() > 1e-9 for a, b in zip(last, two, strict=True))
 
 
 def test_steps_outside_window_see_no_model_gradient(sd):
@@ -127,7 +156,7 @@ def test_checkpointed_window_gives_same_gradients(sd):
             p.add_(0.05 * torch.randn_like(p))
     _, plain = _param_grads(backbone, sampler, policy, grad_steps=[-2, -1])
     _, ckpt = _param_grads(backbone, sampler, policy, grad_steps=[-2, -1], checkpoint=True)
-    for a, b in zip(plain, ckpt):
+    for a, b in zip(plain, ckpt, strict=True):
         torch.testing.assert_close(a, b)
 
 

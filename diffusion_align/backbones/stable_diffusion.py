@@ -141,7 +141,7 @@ class StableDiffusionBackbone:
         return torch.tensor(mean).view(shape).to(latents), torch.tensor(std).view(shape).to(latents)
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]. Differentiable (the clamp is as in diffusers)."""
+        """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]; differentiable (clamped as in diffusers)."""
         upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
         vae_dtype = torch.float32 if upcast else self.vae.dtype
         mean, std = self._latent_stats(latents)
