@@ -66,20 +66,26 @@ def _tiny_vae() -> AutoencoderKL:
     )
 
 
+# The UNet size every tiny pipeline shares (2D and 3D): 16x16x4 latents, two levels.
+TINY_UNET = dict(
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    norm_num_groups=8,
+)
+
+
 def tiny_sd(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
     """A seeded SD-1.x-shaped pipeline: 32x32 images, 16x16x4 latents, ~2.4M parameters."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        **TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
-        norm_num_groups=8,
     )
     vae = _tiny_vae()
     text_encoder = CLIPTextModel(_text_config(32))
@@ -104,11 +110,7 @@ def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
     time_embed_dim, pooled_dim = 8, 32
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        **TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -118,7 +120,6 @@ def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
         cross_attention_dim=64,  # 32 (text_encoder) + 32 (text_encoder_2), concatenated
-        norm_num_groups=8,
     )
     pipe = StableDiffusionXLPipeline(
         unet=unet,

@@ -24,7 +24,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel
 
-from diffusion_align.testing import SD_SCHEDULER_CONFIG, _text_config, _tiny_vae
+from diffusion_align.testing import SD_SCHEDULER_CONFIG, TINY_UNET, _text_config, _tiny_vae
 from rewards.tokenizers import clip_tokenizer
 
 TINY_NUM_FRAMES = 4
@@ -36,16 +36,11 @@ def tiny_animatediff(seed: int = 0) -> AnimateDiffPipeline:
     """A seeded AnimateDiff pipeline: SD-shaped UNet + motion modules, (B, 4, T, 16, 16) latents."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        **TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=8,
-        norm_num_groups=8,
     )
     adapter = MotionAdapter(
         block_out_channels=(16, 32),
@@ -73,16 +68,11 @@ def tiny_t2v(seed: int = 0) -> TextToVideoSDPipeline:
     """A seeded ModelScope-shaped TextToVideoSD pipeline: UNet3DConditionModel, (B, 4, T, 16, 16) latents."""
     torch.manual_seed(seed)
     unet = UNet3DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        **TINY_UNET,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
         cross_attention_dim=32,
         attention_head_dim=8,
-        norm_num_groups=8,
     )
     pipe = TextToVideoSDPipeline(
         unet=unet,

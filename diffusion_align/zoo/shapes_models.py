@@ -9,20 +9,10 @@ from __future__ import annotations
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
+from diffusion_align.testing import SD_SCHEDULER_CONFIG
 from rewards.tokenizers import CLIP_VOCAB_SIZE
 
 TEXT_WIDTH = 64
-# The runwayml/stable-diffusion-v1-5 scheduler values (DDIM variant).
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
 # OpenAI CLIP normalisation, so generic CLIP-reward code that hard-codes it stays right.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -92,4 +82,4 @@ def build_unet() -> UNet2DConditionModel:
 
 
 def build_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**SD15_SCHEDULER)
+    return DDIMScheduler(**SD_SCHEDULER_CONFIG)
