@@ -33,7 +33,7 @@ def test_bundle_is_fp16_safetensors_within_30_mb():
 def pipe():
     from diffusers import StableDiffusionPipeline
 
-    p = StableDiffusionPipeline.from_pretrained(bundled_path("shapes"), torch_dtype=torch.float32)
+    p = StableDiffusionPipeline.from_pretrained(bundled_path("shapes"), dtype=torch.float32)
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -66,7 +66,7 @@ def test_clip_prefers_the_right_colour_on_real_images():
 
     path = bundled_path("shapes-clip")
     clip, tok = (
-        CLIPModel.from_pretrained(path, torch_dtype=torch.float32).eval(),
+        CLIPModel.from_pretrained(path, dtype=torch.float32).eval(),
         CLIPTokenizer.from_pretrained(path),
     )
     batch = data.make_split("heldout", 48)

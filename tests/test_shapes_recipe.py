@@ -30,7 +30,7 @@ def test_recipe_is_reproducible_and_loads(tmp_path):
     assert not torch.equal(
         load_file(a / "clip/model.safetensors")[key], load_file(tmp_path / "c/clip/model.safetensors")[key]
     )
-    pipe = StableDiffusionPipeline.from_pretrained(a / "pipeline", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(a / "pipeline", dtype=torch.float32)
     assert pipe.vae.config.scaling_factor != 0.18215  # measured from the data
     CLIPModel.from_pretrained(a / "clip")
     log = [json.loads(line) for line in (a / "train_log.jsonl").read_text().splitlines()]

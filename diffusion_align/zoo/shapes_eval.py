@@ -129,11 +129,11 @@ def evaluate(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    clip = CLIPModel.from_pretrained(clip_dir, torch_dtype=torch.float32).eval()
+    clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
     tok = CLIPTokenizer.from_pretrained(clip_dir)
     metrics: dict = {"clip_retrieval": {s: clip_retrieval(clip, tok, s) for s in ("heldout", "val")}}
 
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     metrics["generation"] = {"steps": steps, "scheduler": "DDIM eta=0", "seeds_per_prompt": seeds_per_prompt}
     for split, prompts in (
