@@ -28,6 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_rollout import SD15_UNET  # noqa: E402  (a sibling script: benchmarks/ is sys.path[0])
+
 import rewards  # noqa: E402
 from diffusion_align.backbones import StableDiffusionBackbone, load_backbone  # noqa: E402
 from diffusion_align.few_step import draw_noise  # noqa: E402
@@ -37,18 +39,12 @@ from diffusion_align.zoo.shapes_data import heldout_prompts  # noqa: E402
 
 PROMPT = "one large red circle on a white background"
 # The UNet of SD-Turbo (= SD 2.1 base, stabilityai/sd-turbo unet/config.json), random weights.
-SD_TURBO_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=1024,
-    attention_head_dim=(5, 10, 20, 20),
-    use_linear_projection=True,
-)
+SD_TURBO_UNET = {
+    **SD15_UNET,  # same layout as SD 1.5, with SD 2.x's OpenCLIP-H text width and linear projections
+    "cross_attention_dim": 1024,
+    "attention_head_dim": (5, 10, 20, 20),
+    "use_linear_projection": True,
+}
 
 
 def build(kind: str):
