@@ -140,6 +140,25 @@ def test_ddpo_step_raises_the_likelihood_of_high_advantage_samples(ddpo_setup):
     assert after > before
 
 
+def test_ddpo_groups_normalise_each_prompt_within_its_group(policy):
+    config = DDPOConfig(group_size=2, stat_min_count=2, stat_buffer_size=2)
+    batch = DDPO(config, policy, Reward("shapes_color_soft"), SAMPLE).collect(
+        PROMPTS, torch.Generator().manual_seed(0)
+    )
+    assert batch["prompts"] == [PROMPTS[0]] * 2 + [PROMPTS[2]] * 2
+    assert not torch.equal(batch["latents"][0, 0], batch["latents"][1, 0])
+    assert batch["metrics"]["advantage/per_prompt_fraction"] == 1.0
+    # each prompt's two rewards are standardised by their own mean and population std
+    for rows in ([0, 1], [2, 3]):
+        r = batch["reward"][rows].double()
+        expected = (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+        torch.testing.assert_close(batch["advantages"][rows].double(), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UserError, match="multiple of strategy.group_size=3"):
+        DDPO(DDPOConfig(group_size=3), policy, Reward("shapes_color"), SAMPLE).collect(
+            PROMPTS, torch.Generator().manual_seed(0)
+        )
+
+
 def test_ddpo_plan_shuffles_steps_per_sample_and_keeps_the_fraction(ddpo_setup):
     strategy, batch = ddpo_setup
     strategy.config.timestep_fraction = 0.5  # int(2 * 0.5) = 1 trained step per sample

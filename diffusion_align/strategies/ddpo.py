@@ -2,6 +2,8 @@
 
 collect: DDIM-eta rollouts with stored per-step log-probs (no grad), rewards, advantages from the per-prompt
 stat tracker over the global batch (batch statistics until a prompt has `stat_min_count` rewards), clipped.
+`group_size` > 1 samples each prompt that many times per epoch (GRPO-style groups), so per-prompt statistics
+exist from the first epoch instead of after many random draws of the same prompt.
 plan: each sample trains on the first `timestep_fraction` of its own random permutation of steps; one
 optimizer step = `batch_size` samples through all their trained steps (ddpo-pytorch's accumulation).
 loss: PPO-clip on the per-step ratio, CFG recomputed at the sampling scale, optional KL to the base model.
@@ -18,6 +20,7 @@ from torch import Tensor
 
 from diffusion_align.backbones.stable_diffusion import PromptEmbeds
 from diffusion_align.distributed import LocalGroup
+from diffusion_align.errors import UserError
 from diffusion_align.losses import clip_advantages, gaussian_kl_step, ppo_clip_loss
 from diffusion_align.rollout import rollout
 from diffusion_align.samplers import gaussian_log_prob
@@ -31,6 +34,7 @@ class DDPOConfig:
     num_inner_epochs: int = 1  # passes over each collected batch
     timestep_fraction: float = 1.0  # share of each trajectory's steps that are trained (random per sample)
     per_prompt_stat_tracking: bool = True  # normalise rewards per prompt (else over the global batch)
+    group_size: int = 1  # images per prompt per epoch; 1 = the published DDPO (every sample a random prompt)
     stat_buffer_size: int = 16  # rewards kept per prompt
     stat_min_count: int = 16  # per-prompt stats only once a prompt has this many rewards
     beta: float = 0.0  # weight of KL(policy || base model) per step; 0 = the published DDPO
@@ -42,6 +46,8 @@ class DDPO:
             raise ValueError("DDPO needs sample.eta > 0 (with eta = 0 the transition log-prob is undefined)")
         if not 0 < config.timestep_fraction <= 1:
             raise ValueError(f"timestep_fraction={config.timestep_fraction} must be in (0, 1]")
+        if config.group_size < 1:
+            raise UserError(f"DDPO group_size={config.group_size} must be at least 1")
         self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
         self.group = group or LocalGroup()
         self.num_inner_epochs = config.num_inner_epochs
@@ -50,6 +56,7 @@ class DDPO:
     # --- collect -------------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, prompts: list[str], generator) -> dict:
+        prompts = grouped_prompts(prompts, self.config.group_size, "DDPO")
         batch = sample_batch(self.policy, self.reward, self.sample, prompts, generator)
         rewards = self.group.gather(batch["reward"].float())
         every_prompt = self.group.gather_object(list(prompts))
@@ -129,6 +136,15 @@ class DDPO:
 
 
 # --- shared sampling glue ----------------------------------------------------------------------------
+def grouped_prompts(prompts: list[str], size: int, who: str) -> list[str]:
+    """Group g is prompts[g * size] repeated `size` times (each image still gets its own noise)."""
+    if len(prompts) % size:
+        raise UserError(
+            f"{who}: samples per process ({len(prompts)}) must be a multiple of strategy.group_size={size}"
+        )
+    return [p for p in prompts[0::size] for _ in range(size)]
+
+
 def per_sample_generators(generator, n: int, device) -> list[torch.Generator]:
     """One noise stream per sample (the trainer passes such a list); a single generator is split into n seeds,
     so a sample's noise never depends on how the batch is chunked."""

@@ -22,7 +22,7 @@ from torch import Tensor
 from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
 from diffusion_align.losses import group_pairs, prdp_loss
-from diffusion_align.strategies.ddpo import sample_batch
+from diffusion_align.strategies.ddpo import grouped_prompts, sample_batch
 
 
 @dataclass
@@ -52,11 +52,7 @@ class PRDP:
     def collect(self, prompts: list[str], generator) -> dict:
         """Group g is prompts[g * group_size] repeated group_size times, each image with its own noise."""
         n, size = len(prompts), self.config.group_size
-        if n % size:
-            raise UserError(
-                f"PRDP: samples per process ({n}) must be a multiple of strategy.group_size={size}"
-            )
-        grouped = [p for p in prompts[0::size] for _ in range(size)]
+        grouped = grouped_prompts(prompts, size, "PRDP")
         batch = sample_batch(self.policy, self.reward, self.sample, grouped, generator)
         batch["group_ids"] = torch.arange(n) // size
         batch["ref_log_probs"] = torch.full_like(batch["log_probs"], float("nan"))  # filled on first use
