@@ -2,6 +2,7 @@
 
     python benchmarks/bench_strategies.py                      # tiny-sd, CPU, every strategy
     python benchmarks/bench_strategies.py --model shapes --steps 10 --samples 8
+    python benchmarks/bench_strategies.py --no-checkpointing   # AlignProp/DRaFT keep the window's activations
     python benchmarks/bench_strategies.py --memory             # AlignProp/DRaFT peak memory vs window
 
 Time: one iteration = collect + plan + every micro-batch's loss/backward + optimizer step, through the real
@@ -23,6 +24,7 @@ import sys
 import time
 
 import torch
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 STRATEGIES = ["ddpo", "d3po", "prdp", "alignprop", "draft"]
 
@@ -94,15 +96,23 @@ def record_calls(unet, decoder):
     return calls, handles
 
 
-def bare(backbone, calls, device, dtype) -> None:
+def bare(backbone, calls, device, dtype, checkpointing: bool = False) -> None:
     """The recorded denoiser and decoder calls, nothing else: forward, and a backward for those with gradient
-    (the decoder's backward is part of reward backprop: pixels -> latents)."""
+    (the decoder's backward is part of reward backprop: pixels -> latents). `checkpointing`: the denoiser
+    calls with gradient are recomputed in backward, as the strategy does when it checkpoints (that recompute
+    is the price of its memory saving, not overhead)."""
     t = torch.tensor(500, device=device)
+
+    def unet(x, hidden):
+        return backbone.unet(x, t, encoder_hidden_states=hidden, return_dict=False)[0]
+
     for kind, shapes, grad in calls:
         inputs = [torch.randn(shape, device=device, dtype=dtype, requires_grad=grad) for shape in shapes]
         with torch.set_grad_enabled(grad):
-            if kind == "unet":
-                out = backbone.unet(inputs[0], t, encoder_hidden_states=inputs[1], return_dict=False)[0]
+            if kind == "unet" and grad and checkpointing:
+                out = grad_checkpoint(unet, *inputs, use_reentrant=False)
+            elif kind == "unet":
+                out = unet(*inputs)
             else:
                 out = backbone.vae.decoder(inputs[0])
         if grad:
@@ -115,7 +125,10 @@ def sync(device: str) -> None:
 
 
 def time_strategy(args, name: str) -> dict:
-    backbone, policy, strategy = build(args.model, name, args.steps, args.samples, args.device)
+    extra = (
+        {"gradient_checkpointing": False} if args.no_checkpointing and name in ("alignprop", "draft") else {}
+    )
+    backbone, policy, strategy = build(args.model, name, args.steps, args.samples, args.device, extra)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     prompts = captions(args.samples)
     iteration(policy, strategy, prompts, optimizer, args.micro, 0)  # warm-up
@@ -124,7 +137,8 @@ def time_strategy(args, name: str) -> dict:
     for handle in handles:
         handle.remove()
     recorded = list(calls)
-    bare(backbone, recorded, backbone.device, backbone.dtype)  # warm-up
+    checkpointing = getattr(strategy.config, "gradient_checkpointing", False)
+    bare(backbone, recorded, backbone.device, backbone.dtype, checkpointing)  # warm-up
     strategy_s, bare_s = [], []
     for r in range(args.repeats):  # interleaved so load changes hit both alike
         sync(args.device)
@@ -132,7 +146,7 @@ def time_strategy(args, name: str) -> dict:
         iteration(policy, strategy, prompts, optimizer, args.micro, 2 + r)
         sync(args.device)
         t1 = time.perf_counter()
-        bare(backbone, recorded, backbone.device, backbone.dtype)
+        bare(backbone, recorded, backbone.device, backbone.dtype, checkpointing)
         sync(args.device)
         t2 = time.perf_counter()
         strategy_s.append(t1 - t0)
@@ -143,6 +157,7 @@ def time_strategy(args, name: str) -> dict:
         "unet_calls": sum(c[0] == "unet" for c in recorded),
         "decoder_calls": sum(c[0] == "decoder" for c in recorded),
         "grad_calls": sum(c[2] for c in recorded),
+        "checkpointing": checkpointing,
         "iteration_s": round(s, 4),
         "bare_s": round(b, 4),
         "ratio": round(s / b, 3),
@@ -200,6 +215,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument(
+        "--no-checkpointing", action="store_true", help="AlignProp/DRaFT without gradient checkpointing"
+    )
     parser.add_argument(
         "--memory", action="store_true", help="reward-backprop memory vs window (subprocesses)"
     )
