@@ -177,6 +177,19 @@ def test_ddpo_plan_shuffles_steps_per_sample_and_keeps_the_fraction(ddpo_setup):
     assert len({tuple(v) for v in per_sample.values()}) > 1  # drawn independently per sample
 
 
+def test_ddpo_timestep_window_trains_only_the_early_steps(ddpo_setup):
+    strategy, batch = ddpo_setup
+    strategy.config.timestep_window = 0.5  # of 2 steps: only step 0, the noisiest
+    try:
+        plan = strategy.plan(batch, 4, 1, torch.Generator().manual_seed(0))
+    finally:
+        strategy.config.timestep_window = 1.0
+    assert {int(m["steps"]) for step in plan for m in step} == {0}
+    assert abs(sum(m["weight"] for m in plan[0]) - 1) < 1e-9
+    with pytest.raises(UserError, match="timestep_window=0"):
+        DDPO(DDPOConfig(timestep_window=0.0), strategy.policy, Reward("shapes_color"), SAMPLE)
+
+
 def test_ddpo_kl_term_is_zero_at_the_base_model_and_positive_away_from_it():
     base = make_policy(perturb=False)
     strategy = DDPO(DDPOConfig(beta=0.5), base, Reward("shapes_color"), SAMPLE)

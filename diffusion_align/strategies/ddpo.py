@@ -32,7 +32,10 @@ class DDPOConfig:
     clip_range: float = 1e-4  # PPO ratio clip (per latent dim, log-probs are means over dims)
     adv_clip_max: float = 5.0  # advantages clamped to +-this
     num_inner_epochs: int = 1  # passes over each collected batch
-    timestep_fraction: float = 1.0  # share of each trajectory's steps that are trained (random per sample)
+    timestep_fraction: float = 1.0  # share of the window's steps trained per sample (random per sample)
+    # Leading share of the chain (noisiest first) whose steps may be trained, as Flow-GRPO-Fast trains only an
+    # early window. Late steps have a tiny sigma and their log-prob gradient (~1/sigma) is mostly noise.
+    timestep_window: float = 1.0  # 1.0 = every step (the published DDPO)
     per_prompt_stat_tracking: bool = True  # normalise rewards per prompt (else over the global batch)
     group_size: int = 1  # images per prompt per epoch; 1 = the published DDPO (every sample a random prompt)
     stat_buffer_size: int = 16  # rewards kept per prompt
@@ -44,8 +47,9 @@ class DDPO:
     def __init__(self, config: DDPOConfig, policy, reward, sample, group=None):
         if sample.eta <= 0:
             raise ValueError("DDPO needs sample.eta > 0 (with eta = 0 the transition log-prob is undefined)")
-        if not 0 < config.timestep_fraction <= 1:
-            raise ValueError(f"timestep_fraction={config.timestep_fraction} must be in (0, 1]")
+        for name in ("timestep_fraction", "timestep_window"):
+            if not 0 < getattr(config, name) <= 1:
+                raise UserError(f"DDPO {name}={getattr(config, name)} must be in (0, 1]")
         if config.group_size < 1:
             raise UserError(f"DDPO group_size={config.group_size} must be at least 1")
         self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
@@ -80,11 +84,10 @@ class DDPO:
     # --- plan ----------------------------------------------------------------------------------------
     def plan(self, batch: dict, batch_size: int, micro_batch_size: int, generator) -> list[list[dict]]:
         n, num_steps = batch["log_probs"].shape
-        trained = max(1, int(num_steps * self.config.timestep_fraction))
+        window = max(1, round(num_steps * self.config.timestep_window))
+        trained = max(1, int(window * self.config.timestep_fraction))
         order = torch.randperm(n, generator=generator)
-        step_order = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(n)])[
-            :, :trained
-        ]
+        step_order = torch.stack([torch.randperm(window, generator=generator) for _ in range(n)])[:, :trained]
         plan = []
         for rows in step_rows(order, batch_size):
             micros = []
