@@ -4,8 +4,9 @@ collect: DDIM-eta rollouts with stored per-step log-probs (no grad), rewards, ad
 stat tracker over the global batch (batch statistics until a prompt has `stat_min_count` rewards), clipped.
 `group_size` > 1 samples each prompt that many times per epoch (GRPO-style groups), so per-prompt statistics
 exist from the first epoch instead of after many random draws of the same prompt.
-plan: each sample trains on the first `timestep_fraction` of its own random permutation of steps; one
-optimizer step = `batch_size` samples through all their trained steps (ddpo-pytorch's accumulation).
+plan: each sample trains on the first `timestep_fraction` of its own random permutation of the steps in the
+early `timestep_window` of the chain; one optimizer step = `batch_size` samples through all their trained
+steps (ddpo-pytorch's accumulation).
 loss: PPO-clip on the per-step ratio, CFG recomputed at the sampling scale, optional KL to the base model.
 
 The sampling helpers at the bottom are shared by the other likelihood-based strategies.
