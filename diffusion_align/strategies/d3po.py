@@ -28,7 +28,13 @@ from torch import Tensor
 from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
 from diffusion_align.losses import d3po_loss, preference_pairs
-from diffusion_align.strategies.ddpo import image_size, per_sample_generators, sample_batch, transition_inputs
+from diffusion_align.strategies.ddpo import (
+    image_size,
+    per_sample_generators,
+    sample_batch,
+    trained_steps,
+    transition_inputs,
+)
 
 SECOND_IMAGE_SEED_OFFSET = 2**40
 
@@ -103,15 +109,12 @@ class D3PO:
         optimizer steps (decisive pairs over all processes / pairs per step) and spreads its
         own pairs over them."""
         num_steps = batch["latents"].shape[1] - 1
-        trained = max(1, int(num_steps * self.config.timestep_fraction))
         pairs_per_step = max(1, batch_size // 2)
         pairs_per_micro = max(1, micro_batch_size // 2)
         n_opt = max(1, batch["global_pairs"] // (pairs_per_step * self.group.world_size))
         order = torch.randperm(len(batch["win"]), generator=generator)
-        step_order = torch.stack(
-            [torch.randperm(num_steps, generator=generator) for _ in range(len(order))]
-            or [torch.zeros(num_steps, dtype=torch.long)]
-        )
+        step_order = trained_steps(len(order), num_steps, 1.0, self.config.timestep_fraction, generator)
+        trained = step_order.shape[1]
         plan = []
         for chunk in np.array_split(order.numpy(), n_opt):
             pairs = torch.from_numpy(chunk).long()

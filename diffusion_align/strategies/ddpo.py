@@ -85,10 +85,10 @@ class DDPO:
     # --- plan ----------------------------------------------------------------------------------------
     def plan(self, batch: dict, batch_size: int, micro_batch_size: int, generator) -> list[list[dict]]:
         n, num_steps = batch["log_probs"].shape
-        window = max(1, round(num_steps * self.config.timestep_window))
-        trained = max(1, int(window * self.config.timestep_fraction))
+        cfg = self.config
         order = torch.randperm(n, generator=generator)
-        step_order = torch.stack([torch.randperm(window, generator=generator) for _ in range(n)])[:, :trained]
+        step_order = trained_steps(n, num_steps, cfg.timestep_window, cfg.timestep_fraction, generator)
+        trained = step_order.shape[1]
         plan = []
         for rows in step_rows(order, batch_size):
             micros = []
@@ -147,6 +147,15 @@ def grouped_prompts(prompts: list[str], size: int, who: str) -> list[str]:
             f"{who}: samples per process ({len(prompts)}) must be a multiple of strategy.group_size={size}"
         )
     return [p for p in prompts[0::size] for _ in range(size)]
+
+
+def trained_steps(count: int, num_steps: int, window: float, fraction: float, generator) -> Tensor:
+    """(count, trained) step indices: for each sample its own random permutation of the first `window` share
+    of the chain's steps (noisiest first), cut to `fraction` of them."""
+    usable = max(1, round(num_steps * window))
+    trained = max(1, int(usable * fraction))
+    perms = [torch.randperm(usable, generator=generator)[:trained] for _ in range(count)]
+    return torch.stack(perms) if perms else torch.zeros(0, trained, dtype=torch.long)
 
 
 def per_sample_generators(generator, n: int, device) -> list[torch.Generator]:
