@@ -78,6 +78,7 @@ class PromptSettings:
     )
     eval: str = "shapes_heldout"  # held-out prompts for evaluation grids and the before/after reward
     eval_count: int = 16  # how many eval prompts to use (the first N)
+    eval_images_per_prompt: int = 1  # images per eval prompt, each with its own seed: averages out seed noise
 
 
 @dataclass

@@ -158,8 +158,16 @@ class Trainer:
         )
         self.optimizer = acc.prepare(optimizer)  # fp16 loss scaling lives in accelerate's wrapper
 
+        if config.prompts.eval_images_per_prompt < 1:
+            raise UserError(
+                f"prompts.eval_images_per_prompt={config.prompts.eval_images_per_prompt} must be at least 1"
+            )
         self.train_prompts = load_prompts(config.prompts.train)
-        self.eval_prompts = load_prompts(config.prompts.eval)[: config.prompts.eval_count]
+        self.eval_prompts = [
+            prompt
+            for prompt in load_prompts(config.prompts.eval)[: config.prompts.eval_count]
+            for _ in range(config.prompts.eval_images_per_prompt)
+        ]
         self.epoch = self.global_step = 0
         self.seconds_before = 0.0
         self.eval_before: dict[str, float] | None = None

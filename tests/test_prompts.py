@@ -1,5 +1,8 @@
 """Prompt sources: built-in lists, .txt and .jsonl files, and one-line errors for bad input."""
 
+import random
+from pathlib import Path
+
 import pytest
 
 from diffusion_align.errors import UserError
@@ -16,6 +19,19 @@ def test_builtin_lists():
     animals = load_prompts("simple_animals")
     assert len(animals) == len(set(animals)) == 45
     assert set(BUILTIN) >= {"shapes_train", "shapes_heldout", "simple_animals"}
+
+
+def test_shipped_green_on_black_split_follows_its_stated_rule():
+    """configs/cpu/shapes_green_on_black_*.txt: the CPU likelihood recipes train on one and are judged on the
+    other, so the split must be what the files' header says, with no prompt on both sides."""
+    cpu = Path(__file__).resolve().parents[1] / "configs" / "cpu"
+    train = load_prompts(cpu / "shapes_green_on_black_train.txt")
+    heldout = load_prompts(cpu / "shapes_green_on_black_heldout.txt")
+    family = [p for p in load_prompts("shapes_train") if "green" in p and "black background" in p]
+    random.Random(0).shuffle(family)
+    quarter = len(family) // 4
+    assert sorted(heldout) == sorted(family[:quarter]) and sorted(train) == sorted(family[quarter:])
+    assert not set(train) & set(heldout)
 
 
 def test_txt_file_skips_blank_lines_and_comments(tmp_path):

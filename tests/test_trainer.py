@@ -229,6 +229,25 @@ def test_bad_settings_are_one_line_errors(tmp_path, toy):
         train(load_config({"output_dir": str(tmp_path / "x")}))
 
 
+def test_eval_images_per_prompt_is_each_prompt_listed_that_many_times(tmp_path, toy):
+    """k images per eval prompt = the prompt file with each line repeated k times (image i: seed + i)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    repeated = tmp_path / "p3.txt"
+    repeated.write_text("a red circle\n" * 3 + "a blue square\n" * 3)
+    extra = {"train.epochs": 0, "prompts.eval_count": 2}
+    k = train(
+        tiny_config(tmp_path / "k", **extra, **{"prompts.eval": prompts, "prompts.eval_images_per_prompt": 3})
+    )
+    listed = train(
+        tiny_config(tmp_path / "l", **{**extra, "prompts.eval": repeated, "prompts.eval_count": 6})
+    )
+    one = train(tiny_config(tmp_path / "o", **extra, **{"prompts.eval": prompts}))
+    assert k["eval_before"] == listed["eval_before"] != one["eval_before"]
+    with pytest.raises(UserError, match="eval_images_per_prompt=0 must be at least 1"):
+        train(tiny_config(tmp_path / "z", **{"prompts.eval_images_per_prompt": 0}))
+
+
 def test_micro_batches_give_the_same_update(tmp_path, toy):
     extra = {"train.epochs": 1, "train.batch_size": 4, "logging.eval_every": 0}
     one = train(tiny_config(tmp_path / "a", **{**extra, "train.micro_batch_size": 4}))
