@@ -327,6 +327,25 @@ def test_prdp_refreshes_the_old_policy_every_k_steps_and_resumes(prdp_setup):
             p.sub_(3e-3)
 
 
+def test_prdp_timestep_window_leaves_late_steps_out(prdp_setup):
+    """window 0.5 of 2 steps: h is the first step's log-ratio only, so the last transition cannot move it."""
+    strategy, batch = prdp_setup
+    config = PRDPConfig(**{**vars(strategy.config), "timestep_window": 0.5})
+    windowed = PRDP(config, strategy.policy, strategy.reward, SAMPLE)
+
+    def loss_with_last_latent_moved(prdp, shift):
+        moved = {**batch, "latents": batch["latents"].clone()}
+        moved["latents"][:, -1] += shift
+        moved["ref_log_probs"] = torch.full_like(batch["log_probs"], float("nan"))
+        return prdp.loss(one_step(prdp, moved, 4)[0])[0].item()
+
+    assert loss_with_last_latent_moved(windowed, 0.5) == loss_with_last_latent_moved(windowed, 0.0)
+    full = PRDP(strategy.config, strategy.policy, strategy.reward, SAMPLE)
+    assert loss_with_last_latent_moved(full, 0.5) != loss_with_last_latent_moved(full, 0.0)
+    with pytest.raises(UserError, match="timestep_window=0 must be in"):
+        PRDP(PRDPConfig(timestep_window=0), strategy.policy, strategy.reward, SAMPLE)
+
+
 # --- reward backprop -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "cls, config",

@@ -1,10 +1,11 @@
 """PRDP (Deng et al., CVPR 2024), anchors §2.4: reward-difference prediction with proximal clipping.
 
 collect: groups of `group_size` samples per prompt (independent x_T), DDIM-eta rollouts, rewards.
-loss: for trajectories x (all S steps), h_t = log pi_theta(x_{t-1}|x_t) - log pi_ref(...) (ref = base
-model, LoRA disabled), clipped per step to h_old_t +- eps; h = mean over steps (the JAX reference averages);
-every pair i < j of a group with different rewards: max((h_i - h_j - (r_i - r_j)/beta)^2, same with clipped
-h). The step's objective is the mean over its pairs; micro-batches hold whole groups.
+loss: for trajectories x (all S steps, or their leading `timestep_window` share),
+h_t = log pi_theta(x_{t-1}|x_t) - log pi_ref(...) (ref = base model, LoRA disabled), clipped per step to
+h_old_t +- eps; h = mean over steps (the JAX reference averages); every pair i < j of a group with different
+rewards: max((h_i - h_j - (r_i - r_j)/beta)^2, same with clipped h). The step's objective is the mean over
+its pairs; micro-batches hold whole groups.
 Old policy: a copy of the LoRA weights kept in the strategy, refreshed every `refresh_every` optimizer steps
 (counted from the plan weights the trainer passes through `loss`: a step is complete when they sum to 1).
 Its log-probs are computed by swapping the copy in under no_grad. The copy, the step count and the refresh
@@ -31,6 +32,9 @@ class PRDPConfig:
     beta: float = 3e-5  # reward-difference scale: target = (r_i - r_j) / beta (small-scale setting)
     eps: float = 1e-6  # proximal clip of each step's log-ratio around the old policy's
     refresh_every: int = 10  # K: optimizer steps between refreshes of the old policy
+    # Leading share of the chain (noisiest first) whose log-ratios make up h, as DDPO's `timestep_window`:
+    # the late tiny-sigma steps' log-prob gradients are mostly noise. 1.0 = every step (the published PRDP).
+    timestep_window: float = 1.0
     num_inner_epochs: int = 1  # passes over each collected batch
 
 
@@ -40,6 +44,8 @@ class PRDP:
             raise ValueError("PRDP needs sample.eta > 0 (the log-ratios are transition log-probs)")
         if config.group_size < 2:
             raise UserError(f"PRDP group_size={config.group_size}: pairs need at least 2 images per prompt")
+        if not 0 < config.timestep_window <= 1:
+            raise UserError(f"PRDP timestep_window={config.timestep_window} must be in (0, 1]")
         self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
         self.group = group or LocalGroup()
         self.num_inner_epochs = config.num_inner_epochs
@@ -95,7 +101,8 @@ class PRDP:
         first, second = group_pairs(batch["group_ids"][rows], rewards)
         if len(first) == 0:
             return sum(p.sum() * 0.0 for p in self.policy.parameters()), {"pairs": 0.0}
-        latents, num_steps = batch["latents"], batch["log_probs"].shape[1]
+        latents = batch["latents"]
+        num_steps = max(1, round(batch["log_probs"].shape[1] * cfg.timestep_window))
         r = rows.to(latents.device)
         embeds = batch["embeds"][r]
         steps = []
@@ -113,7 +120,7 @@ class PRDP:
             log_prob - ref, old - ref, rewards.to(ref.device), first, second, cfg.beta, cfg.eps
         )
         dev = (torch.exp(log_prob.detach() - old) - 1).abs().max()
-        sampled = batch["log_probs"][r]  # the sampling policy's: equal to log_prob before any update
+        sampled = batch["log_probs"][r, :num_steps]  # the sampler's: equal to log_prob before any update
         return losses.mean(), {
             "pairs": float(len(first)),
             "clip_fraction": clipped.float().mean().item(),
