@@ -159,6 +159,18 @@ def test_ddpo_groups_normalise_each_prompt_within_its_group(policy):
         )
 
 
+@pytest.mark.parametrize("strategy_cls, config_cls", [(DDPO, DDPOConfig), (PRDP, PRDPConfig)])
+def test_share_initial_noise_gives_a_group_one_x_T_and_its_own_step_noise(policy, strategy_cls, config_cls):
+    gen = torch.Generator().manual_seed(0)
+    shared = strategy_cls(
+        config_cls(group_size=2, share_initial_noise=True), policy, Reward("shapes_color"), SAMPLE
+    )
+    latents = shared.collect(PROMPTS, gen)["latents"]
+    assert torch.equal(latents[0, 0], latents[1, 0]) and torch.equal(latents[2, 0], latents[3, 0])
+    assert not torch.equal(latents[0, 0], latents[2, 0])  # groups differ
+    assert not torch.equal(latents[0, -1], latents[1, -1])  # the step noise is each image's own
+
+
 def test_ddpo_plan_shuffles_steps_per_sample_and_keeps_the_fraction(ddpo_setup):
     strategy, batch = ddpo_setup
     strategy.config.timestep_fraction = 0.5  # int(2 * 0.5) = 1 trained step per sample

@@ -32,6 +32,7 @@ from diffusion_align.strategies.ddpo import (
     image_size,
     per_sample_generators,
     sample_batch,
+    shared_initial_noise,
     trained_steps,
     transition_inputs,
 )
@@ -86,10 +87,8 @@ class D3PO:
         backbone, n = self.policy.backbone, len(prompts)
         gens = per_sample_generators(generator, n, backbone.device)
         pair_prompts = [p for p in prompts[0::2] for _ in range(2)]
-        x_T = torch.cat([backbone.initial_noise(1, [g], image_size(self.sample)) for g in gens[0::2]])
-        batch = sample_batch(
-            self.policy, self.reward, self.sample, pair_prompts, gens, x_T.repeat_interleave(2, 0)
-        )
+        x_T = shared_initial_noise(self.policy, self.sample, gens, 2)
+        batch = sample_batch(self.policy, self.reward, self.sample, pair_prompts, gens, x_T)
         parts = batch["components"]
         scores = torch.stack(list(parts.values()), -1) if len(parts) > 1 else batch["reward"][:, None]
         winner, decisive = preference_pairs(scores.view(n // 2, 2, -1))

@@ -39,6 +39,9 @@ class DDPOConfig:
     timestep_window: float = 1.0  # 1.0 = every step (the published DDPO)
     per_prompt_stat_tracking: bool = True  # normalise rewards per prompt (else over the global batch)
     group_size: int = 1  # images per prompt per epoch; 1 = the published DDPO (every sample a random prompt)
+    # One x_T per group (DanceGRPO's init_same_noise): a group's rewards then differ only through the step
+    # noise whose log-probs are trained, instead of mostly through x_T, which no log-prob accounts for.
+    share_initial_noise: bool = False
     stat_buffer_size: int = 16  # rewards kept per prompt
     stat_min_count: int = 16  # per-prompt stats only once a prompt has this many rewards
     beta: float = 0.0  # weight of KL(policy || base model) per step; 0 = the published DDPO
@@ -61,8 +64,15 @@ class DDPO:
     # --- collect -------------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, prompts: list[str], generator) -> dict:
-        prompts = grouped_prompts(prompts, self.config.group_size, "DDPO")
-        batch = sample_batch(self.policy, self.reward, self.sample, prompts, generator)
+        size = self.config.group_size
+        prompts = grouped_prompts(prompts, size, "DDPO")
+        gens = per_sample_generators(generator, len(prompts), self.policy.backbone.device)
+        x_T = (
+            shared_initial_noise(self.policy, self.sample, gens, size)
+            if self.config.share_initial_noise
+            else None
+        )
+        batch = sample_batch(self.policy, self.reward, self.sample, prompts, gens, x_T)
         rewards = self.group.gather(batch["reward"].float())
         every_prompt = self.group.gather_object(list(prompts))
         if self.config.per_prompt_stat_tracking:
@@ -147,6 +157,14 @@ def grouped_prompts(prompts: list[str], size: int, who: str) -> list[str]:
             f"{who}: samples per process ({len(prompts)}) must be a multiple of strategy.group_size={size}"
         )
     return [p for p in prompts[0::size] for _ in range(size)]
+
+
+def shared_initial_noise(policy, sample, gens: list, size: int) -> Tensor:
+    """x_T (N, C, h, w) shared by each run of `size` consecutive samples (D3PO's pairs, DanceGRPO's
+    init_same_noise): drawn from the run's first generator, which then also draws that sample's step noise."""
+    backbone = policy.backbone
+    x_T = [backbone.initial_noise(1, [g], image_size(sample)) for g in gens[0::size]]
+    return torch.cat(x_T).repeat_interleave(size, 0)
 
 
 def trained_steps(count: int, num_steps: int, window: float, fraction: float, generator) -> Tensor:

@@ -23,7 +23,12 @@ from torch import Tensor
 from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
 from diffusion_align.losses import group_pairs, prdp_loss
-from diffusion_align.strategies.ddpo import grouped_prompts, sample_batch
+from diffusion_align.strategies.ddpo import (
+    grouped_prompts,
+    per_sample_generators,
+    sample_batch,
+    shared_initial_noise,
+)
 
 
 @dataclass
@@ -32,6 +37,7 @@ class PRDPConfig:
     beta: float = 3e-5  # reward-difference scale: target = (r_i - r_j) / beta (small-scale setting)
     eps: float = 1e-6  # proximal clip of each step's log-ratio around the old policy's
     refresh_every: int = 10  # K: optimizer steps between refreshes of the old policy
+    share_initial_noise: bool = False  # one x_T per group, as DDPO's option of the same name
     # Leading share of the chain (noisiest first) whose log-ratios make up h, as DDPO's `timestep_window`:
     # the late tiny-sigma steps' log-prob gradients are mostly noise. 1.0 = every step (the published PRDP).
     timestep_window: float = 1.0
@@ -59,7 +65,13 @@ class PRDP:
         """Group g is prompts[g * group_size] repeated group_size times, each image with its own noise."""
         n, size = len(prompts), self.config.group_size
         grouped = grouped_prompts(prompts, size, "PRDP")
-        batch = sample_batch(self.policy, self.reward, self.sample, grouped, generator)
+        gens = per_sample_generators(generator, n, self.policy.backbone.device)
+        x_T = (
+            shared_initial_noise(self.policy, self.sample, gens, size)
+            if self.config.share_initial_noise
+            else None
+        )
+        batch = sample_batch(self.policy, self.reward, self.sample, grouped, gens, x_T)
         batch["group_ids"] = torch.arange(n) // size
         batch["ref_log_probs"] = torch.full_like(batch["log_probs"], float("nan"))  # filled on first use
         first, _ = group_pairs(batch["group_ids"], batch["reward"].cpu())
