@@ -1,15 +1,20 @@
-"""Strategies really learn: a short run of a CPU recipe (bundled shapes model, `trainer.train`) raises
-the mean reward on held-out prompts (fixed eval seeds) by a margin well above noise.
+"""Strategies really learn: a CPU recipe (bundled shapes model, `trainer.train`, run from the repository
+root as its comment says) raises the mean reward on prompts held out from fine-tuning (fixed eval seeds) by
+a margin well above noise, and the programmatic detector (never optimised) agrees.
 
-Noise, measured on the base model (32 held-out prompts, 10 DDIM steps, CFG 5): the eval mean over four sets
-of eval seeds has std 0.011 for shapes_color_soft (0.764 to 0.790). The margin is 3x that.
-Measured (2 shared CPU cores, load 5-11, 16 eval prompts): AlignProp 0.795 -> 0.843 in 8 optimizer steps
-(215 s). The likelihood methods (DDPO, D3PO, PRDP) need far more samples than fit a CPU test. On 32 held-out
-prompts (base 0.790), 80 epochs x 128 samples (10k images, 35-45 min on one core each): DDPO (groups of 8)
-0.791, D3PO 0.808, PRDP 0.774 at epoch 40 (stopped). Their per-step gradients do point along the pathwise
-(DRaFT) gradient (cosine 0.5-0.9 at the middle steps, 128 samples of one prompt), but the gradient of two
-independent 128-sample batches over 16 prompts has cosine 0.05-0.08: far too noisy for a CPU budget. See
-the strategy tests for their on-policy ratio, accumulation and update-direction checks.
+Noise, measured on the base model: the eval mean over four sets of eval seeds has std 0.011 for 32
+shapes_heldout prompts and 0.009 for the 19 held-out green-on-black captions x 4 images of the likelihood
+recipes (0.680 to 0.700).
+Measured on 2 shared CPU cores, 20 epochs x 64 images (about 3 min per run on one core), held-out reward
+from 0.680, for train.seed 0 / 1 / 2:
+  DDPO 0.825 / 0.878        D3PO 0.892 / 0.768 / D3PO_S2        PRDP 0.897 / 0.887
+  AlignProp (shapes_heldout, 16 prompts) 0.795 -> 0.843 in 8 optimizer steps.
+Without share_initial_noise the DDPO recipe ended at 0.871 / 0.637 and PRDP at 0.772 (seed 0): x_T, which
+no log-prob accounts for, decides most of a shape's colour. On all 676 training captions at once the
+likelihood methods do not move the shapes_heldout reward at CPU scale (80 epochs x 128 images, independent
+noise: DDPO 0.790 -> 0.791, D3PO 0.808): their per-prompt gradients are nearly orthogonal (cosine of two
+independent 128-image gradients over 16 prompts 0.05-0.08, 0.46 for one prompt), so these recipes train on
+one caption family, the model's weakest, and are judged on its held-out quarter.
 """
 
 from pathlib import Path
@@ -19,26 +24,28 @@ import pytest
 from diffusion_align.config import load_config
 from diffusion_align.trainer import train
 
-CPU = Path(__file__).resolve().parents[1] / "configs" / "cpu"
-COMMON = [
-    "logging.progress=false",
-    "logging.tensorboard=false",
-    "checkpoint.every=100",
-    "prompts.eval_count=16",
-]
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["logging.progress=false", "logging.tensorboard=false", "checkpoint.every=100"]
+DETECTOR = ["eval_rewards=[{name: shapes_color}]"]  # never optimised: guards against reward hacking
 
 # strategy -> (overrides of its CPU recipe, required gain of the held-out reward)
 CASES = {
-    "alignprop": ([], 0.033),
+    "alignprop": (["prompts.eval_count=16"], 0.033),
+    "ddpo": ([], 0.08),
+    "d3po": ([], 0.05),
+    "prdp": ([], 0.08),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_cpu_recipe_raises_the_heldout_reward(name, tmp_path):
+def test_cpu_recipe_raises_the_heldout_reward(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name their prompt files relative to the repository root
     overrides, margin = CASES[name]
-    config = load_config(CPU / f"{name}_shapes.yaml", [*COMMON, *overrides, f"output_dir={tmp_path}"])
+    recipe = ROOT / "configs" / "cpu" / f"{name}_shapes.yaml"
+    config = load_config(recipe, [*COMMON, *DETECTOR, *overrides, f"output_dir={tmp_path}"])
     summary = train(config)
-    before, after = summary["eval_before"], summary["eval_after"]
-    print(f"{name}: {before:.4f} -> {after:.4f} ({summary['optimizer_steps']} optimizer steps)")
-    assert after - before > margin, f"{name}: held-out reward {before:.4f} -> {after:.4f}"
+    before, after = summary["eval_before_components"], summary["eval_after_components"]
+    print(f"{name}: {before} -> {after} ({summary['optimizer_steps']} optimizer steps)")
+    assert after["reward"] - before["reward"] > margin, (before, after)
+    assert after["extra/shapes_color"] > before["extra/shapes_color"], (before, after)

@@ -3,7 +3,8 @@
 collect: DDIM-eta rollouts with stored per-step log-probs (no grad), rewards, advantages from the per-prompt
 stat tracker over the global batch (batch statistics until a prompt has `stat_min_count` rewards), clipped.
 `group_size` > 1 samples each prompt that many times per epoch (GRPO-style groups), so per-prompt statistics
-exist from the first epoch instead of after many random draws of the same prompt.
+exist from the first epoch instead of after many random draws of the same prompt; `share_initial_noise` gives
+a group one x_T, so its rewards differ only through the step noise that the log-probs score.
 plan: each sample trains on the first `timestep_fraction` of its own random permutation of the steps in the
 early `timestep_window` of the chain; one optimizer step = `batch_size` samples through all their trained
 steps (ddpo-pytorch's accumulation).
