@@ -11,6 +11,8 @@ Formulas (anchors §2):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -49,10 +51,12 @@ def d3po_loss(
 
     Returns (loss (P,), implicit accuracy (P,) = 1 where the winner's clamped log-ratio exceeds the loser's).
     """
-    lo, hi = 1.0 - eps, 1.0 + eps
-    ratio_w = torch.exp(log_prob_win - ref_log_prob_win.detach()).clamp(lo, hi)
-    ratio_l = torch.exp(log_prob_lose - ref_log_prob_lose.detach()).clamp(lo, hi)
-    inside = beta * torch.log(ratio_w) - beta * torch.log(ratio_l)
+    # clamp(ratio, 1 - eps, 1 + eps) taken in log space: the same values and gradients, but a far-off ratio
+    # cannot overflow exp() into inf, whose clamp gradient is 0 * inf = NaN
+    lo, hi = math.log(1.0 - eps), math.log(1.0 + eps)
+    log_ratio_w = (log_prob_win - ref_log_prob_win.detach()).clamp(lo, hi)
+    log_ratio_l = (log_prob_lose - ref_log_prob_lose.detach()).clamp(lo, hi)
+    inside = beta * log_ratio_w - beta * log_ratio_l
     return -torch.nn.functional.logsigmoid(inside), (inside.detach() > 0).float()
 
 

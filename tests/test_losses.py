@@ -63,6 +63,18 @@ def test_d3po_loss_clamps_inside_the_sigmoid():
     assert not close(loss_wide[0], loss[0].detach())
 
 
+def test_d3po_loss_stays_finite_for_far_off_ratios():
+    """A late tiny-sigma step can move a log-prob by hundreds: exp() would overflow to inf and the clamp's
+    zero gradient times inf is NaN (seen at lr 3e-3 on the shapes recipe). Clamped: simply no gradient."""
+    lw = torch.tensor([800.0, -800.0], requires_grad=True)
+    ll = torch.tensor([-800.0, 800.0], requires_grad=True)
+    loss, _ = d3po_loss(lw, torch.zeros(2), ll, torch.zeros(2), beta=0.1, eps=0.1)
+    loss.sum().backward()
+    inside = 0.1 * (math.log(1.1) - math.log(0.9))
+    assert close(loss, [math.log1p(math.exp(-inside)), math.log1p(math.exp(inside))])
+    assert lw.grad.tolist() == [0.0, 0.0] and ll.grad.tolist() == [0.0, 0.0]
+
+
 def test_pareto_preference():
     rewards = torch.tensor(
         [
