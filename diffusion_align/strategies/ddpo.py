@@ -65,14 +65,10 @@ class DDPO:
     # --- collect -------------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, prompts: list[str], generator) -> dict:
-        size = self.config.group_size
+        size, share = self.config.group_size, self.config.share_initial_noise
         prompts = grouped_prompts(prompts, size, "DDPO")
         gens = per_sample_generators(generator, len(prompts), self.policy.backbone.device)
-        x_T = (
-            shared_initial_noise(self.policy, self.sample, gens, size)
-            if self.config.share_initial_noise
-            else None
-        )
+        x_T = shared_initial_noise(self.policy, self.sample, gens, size) if share else None
         batch = sample_batch(self.policy, self.reward, self.sample, prompts, gens, x_T)
         rewards = self.group.gather(batch["reward"].float())
         every_prompt = self.group.gather_object(list(prompts))

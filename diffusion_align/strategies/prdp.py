@@ -1,6 +1,7 @@
 """PRDP (Deng et al., CVPR 2024), anchors §2.4: reward-difference prediction with proximal clipping.
 
-collect: groups of `group_size` samples per prompt (independent x_T), DDIM-eta rollouts, rewards.
+collect: groups of `group_size` samples per prompt (independent x_T, or one per group with
+`share_initial_noise`), DDIM-eta rollouts, rewards.
 loss: for trajectories x (all S steps, or their leading `timestep_window` share),
 h_t = log pi_theta(x_{t-1}|x_t) - log pi_ref(...) (ref = base model, LoRA disabled), clipped per step to
 h_old_t +- eps; h = mean over steps (the JAX reference averages); every pair i < j of a group with different
@@ -62,15 +63,12 @@ class PRDP:
     # --- collect -------------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, prompts: list[str], generator) -> dict:
-        """Group g is prompts[g * group_size] repeated group_size times, each image with its own noise."""
-        n, size = len(prompts), self.config.group_size
+        """Group g is prompts[g * group_size] repeated group_size times, each image with its own step noise
+        (and its own x_T unless `share_initial_noise`)."""
+        n, size, share = len(prompts), self.config.group_size, self.config.share_initial_noise
         grouped = grouped_prompts(prompts, size, "PRDP")
         gens = per_sample_generators(generator, n, self.policy.backbone.device)
-        x_T = (
-            shared_initial_noise(self.policy, self.sample, gens, size)
-            if self.config.share_initial_noise
-            else None
-        )
+        x_T = shared_initial_noise(self.policy, self.sample, gens, size) if share else None
         batch = sample_batch(self.policy, self.reward, self.sample, grouped, gens, x_T)
         batch["group_ids"] = torch.arange(n) // size
         batch["ref_log_probs"] = torch.full_like(batch["log_probs"], float("nan"))  # filled on first use
