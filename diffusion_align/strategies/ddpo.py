@@ -65,11 +65,9 @@ class DDPO:
     # --- collect -------------------------------------------------------------------------------------
     @torch.no_grad()
     def collect(self, prompts: list[str], generator) -> dict:
-        size, share = self.config.group_size, self.config.share_initial_noise
-        prompts = grouped_prompts(prompts, size, "DDPO")
-        gens = per_sample_generators(generator, len(prompts), self.policy.backbone.device)
-        x_T = shared_initial_noise(self.policy, self.sample, gens, size) if share else None
-        batch = sample_batch(self.policy, self.reward, self.sample, prompts, gens, x_T)
+        cfg = self.config
+        batch = sample_groups(self, prompts, generator, cfg.group_size, cfg.share_initial_noise, "DDPO")
+        prompts = batch["prompts"]
         rewards = self.group.gather(batch["reward"].float())
         every_prompt = self.group.gather_object(list(prompts))
         if self.config.per_prompt_stat_tracking:
@@ -156,6 +154,15 @@ def grouped_prompts(prompts: list[str], size: int, who: str) -> list[str]:
     return [p for p in prompts[0::size] for _ in range(size)]
 
 
+def sample_groups(strategy, prompts: list[str], generator, size: int, share_noise: bool, who: str) -> dict:
+    """`sample_batch` of groups: prompts[g * size] repeated `size` times, each image with its own step noise
+    and, unless `share_noise`, its own x_T."""
+    grouped = grouped_prompts(prompts, size, who)
+    gens = per_sample_generators(generator, len(grouped), strategy.policy.backbone.device)
+    x_T = shared_initial_noise(strategy.policy, strategy.sample, gens, size) if share_noise else None
+    return sample_batch(strategy.policy, strategy.reward, strategy.sample, grouped, gens, x_T)
+
+
 def shared_initial_noise(policy, sample, gens: list, size: int) -> Tensor:
     """x_T (N, C, h, w) shared by each run of `size` consecutive samples (D3PO's pairs, DanceGRPO's
     init_same_noise): drawn from the run's first generator, which then also draws that sample's step noise."""
@@ -164,10 +171,15 @@ def shared_initial_noise(policy, sample, gens: list, size: int) -> Tensor:
     return torch.cat(x_T).repeat_interleave(size, 0)
 
 
+def window_steps(num_steps: int, window: float) -> int:
+    """How many leading (noisiest) steps of a `num_steps` chain a `timestep_window` share covers (>= 1)."""
+    return max(1, round(num_steps * window))
+
+
 def trained_steps(count: int, num_steps: int, window: float, fraction: float, generator) -> Tensor:
     """(count, trained) step indices: for each sample its own random permutation of the first `window` share
     of the chain's steps (noisiest first), cut to `fraction` of them."""
-    usable = max(1, round(num_steps * window))
+    usable = window_steps(num_steps, window)
     trained = max(1, int(usable * fraction))
     perms = [torch.randperm(usable, generator=generator)[:trained] for _ in range(count)]
     return torch.stack(perms) if perms else torch.zeros(0, trained, dtype=torch.long)

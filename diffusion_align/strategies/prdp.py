@@ -24,12 +24,7 @@ from torch import Tensor
 from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
 from diffusion_align.losses import group_pairs, prdp_loss
-from diffusion_align.strategies.ddpo import (
-    grouped_prompts,
-    per_sample_generators,
-    sample_batch,
-    shared_initial_noise,
-)
+from diffusion_align.strategies.ddpo import sample_groups, window_steps
 
 
 @dataclass
@@ -65,11 +60,8 @@ class PRDP:
     def collect(self, prompts: list[str], generator) -> dict:
         """Group g is prompts[g * group_size] repeated group_size times, each image with its own step noise
         (and its own x_T unless `share_initial_noise`)."""
-        n, size, share = len(prompts), self.config.group_size, self.config.share_initial_noise
-        grouped = grouped_prompts(prompts, size, "PRDP")
-        gens = per_sample_generators(generator, n, self.policy.backbone.device)
-        x_T = shared_initial_noise(self.policy, self.sample, gens, size) if share else None
-        batch = sample_batch(self.policy, self.reward, self.sample, grouped, gens, x_T)
+        n, size = len(prompts), self.config.group_size
+        batch = sample_groups(self, prompts, generator, size, self.config.share_initial_noise, "PRDP")
         batch["group_ids"] = torch.arange(n) // size
         batch["ref_log_probs"] = torch.full_like(batch["log_probs"], float("nan"))  # filled on first use
         first, _ = group_pairs(batch["group_ids"], batch["reward"].cpu())
@@ -112,7 +104,7 @@ class PRDP:
         if len(first) == 0:
             return sum(p.sum() * 0.0 for p in self.policy.parameters()), {"pairs": 0.0}
         latents = batch["latents"]
-        num_steps = max(1, round(batch["log_probs"].shape[1] * cfg.timestep_window))
+        num_steps = window_steps(batch["log_probs"].shape[1], cfg.timestep_window)
         r = rows.to(latents.device)
         embeds = batch["embeds"][r]
         steps = []
