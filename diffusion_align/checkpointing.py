@@ -1,9 +1,12 @@
-"""Crash-safe checkpoints: a checkpoint either exists complete or not at all.
+"""Crash-safe checkpoints: a checkpoint either exists complete or not at all, and damage is detected.
 
 Layout: `<run>/checkpoints/checkpoint-<epoch>/` (epoch = epochs completed). A save writes everything into
-`checkpoints/.tmp-checkpoint-<epoch>/` and then renames it into place (`os.replace`, atomic on POSIX), and
-only after that deletes checkpoints beyond `keep_last`. A SIGKILL at any moment therefore leaves the previous
-checkpoint intact; a leftover `.tmp-*` folder is ignored and cleaned by the next save.
+`checkpoints/.tmp-checkpoint-<epoch>/`, then `manifest.json` (every file's size and SHA-256) last, and then
+renames the folder into place (`os.replace`, atomic on POSIX), and only after that deletes checkpoints
+beyond `keep_last`. A SIGKILL at any moment therefore leaves the previous checkpoint intact; a leftover
+`.tmp-*` folder is ignored and cleaned by the next save. A checkpoint damaged later (a truncated copy, a
+full disk) fails its manifest check, and `resolve_resume("latest")` falls back to the newest intact one.
+Checkpoints written before manifests existed ("legacy") count as intact when every file in them loads.
 
 Every rank calls `save_checkpoint` (no rank skips a barrier, so none can hang): each rank writes its own
 RNG file, the main process writes the shared files and does the rename.
@@ -11,6 +14,8 @@ RNG file, the main process writes the shared files and does the rename.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -25,7 +30,8 @@ import torch
 from diffusion_align.errors import UserError
 
 PREFIX = "checkpoint-"
-COMPLETE_MARKER = "trainer_state.json"  # written last inside the temp folder
+COMPLETE_MARKER = "trainer_state.json"  # the trainer's state; legacy checkpoints' completeness marker
+MANIFEST = "manifest.json"  # written last: {"files": {relative path: {"size", "sha256"}}}
 # Test hook: the save of this epoch's checkpoint stops inside the write (after its files, before the rename)
 # and sleeps, so a test can SIGKILL the process at exactly that point.
 PAUSE_ENV = "DIFFUSION_ALIGN_TEST_PAUSE_IN_CHECKPOINT"
@@ -36,34 +42,116 @@ def checkpoint_dir(root: str | Path, epoch: int) -> Path:
     return Path(root) / f"{PREFIX}{epoch:06d}"
 
 
+def _sealed(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file() or (folder / COMPLETE_MARKER).is_file()
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Renamed-into-place checkpoints under `root` (intact or not: see `checkpoint_problem`), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name) and (p / COMPLETE_MARKER).is_file()
-    ]
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{PREFIX}\d+", p.name) and _sealed(p)]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
-def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
-    """`None` -> None; "latest" -> the newest complete checkpoint under `root` (None when there is none yet,
-    so `resume: latest` also starts fresh runs); a path -> that checkpoint folder, checked."""
+def resolve_resume(resume: str | None, root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(checkpoint to resume from, [(damaged checkpoint skipped, its problem)]).
+
+    `None` -> no checkpoint; "latest" -> the newest intact checkpoint under `root` (None when there is none
+    yet, so `resume: latest` also starts fresh runs; an error when every one is damaged); a path -> that
+    checkpoint folder, which must be intact."""
     if resume is None:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(root)
-        return found[-1] if found else None
-    path = Path(resume).expanduser()
-    if not (path / COMPLETE_MARKER).is_file():
+        return None, []
+    if resume != "latest":
+        path = Path(resume).expanduser()
+        if not _sealed(path):
+            raise UserError(
+                f"checkpoint.resume={resume}: no complete checkpoint there (expected {path / MANIFEST}); "
+                f"pass a folder like {checkpoint_dir(root, 10)} or 'latest'"
+            )
+        if problem := checkpoint_problem(path):
+            raise UserError(f"checkpoint.resume: {path} is damaged ({problem}); pass another checkpoint")
+        return path, []
+    damaged = []
+    for path in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    if damaged:
+        listing = "; ".join(f"{p.name}: {problem}" for p, problem in damaged)
         raise UserError(
-            f"checkpoint.resume={resume}: no complete checkpoint there (expected {path / COMPLETE_MARKER}); "
-            f"pass a folder like {checkpoint_dir(root, 10)} or 'latest'"
+            f"checkpoint.resume=latest: no intact checkpoint under {root} ({listing}); start over with "
+            "--overwrite or choose another output_dir"
         )
-    return path
+    return None, []
+
+
+# --- the manifest ---------------------------------------------------------------------------------------
+def _files(folder: Path) -> list[str]:
+    names = (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return sorted(n for n in names if n not in (MANIFEST, PAUSE_MARKER))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Seal `folder`: every file's size and hash, written after all of them."""
+    files = {n: {"size": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in _files(folder)}
+    (folder / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def is_legacy(folder: Path) -> bool:
+    """Written before manifests existed (no manifest, only the trainer state)."""
+    return not (Path(folder) / MANIFEST).is_file()
+
+
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """None when the checkpoint is intact, else what is wrong (one short phrase naming the file)."""
+    folder = Path(folder)
+    if is_legacy(folder):
+        return _legacy_problem(folder)
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        expected = {name: (int(f["size"]), str(f["sha256"])) for name, f in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for name, (size, sha) in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+        if _sha256(path) != sha:
+            return f"{name} differs from its hash in the manifest"
+    return None
+
+
+def _legacy_problem(folder: Path) -> str | None:
+    """A checkpoint without manifest is intact when every file in it loads."""
+    from safetensors.torch import load_file
+
+    for name in _files(folder):
+        path = folder / name
+        try:
+            if name.endswith(".pt"):
+                torch.load(path, weights_only=True)
+            elif name.endswith(".safetensors"):
+                load_file(path)
+            elif name.endswith(".json"):
+                json.loads(path.read_text())
+        except Exception as e:  # noqa: BLE001 - any failure to load means damaged
+            return f"{name} does not load ({type(e).__name__})"
+    if not (folder / COMPLETE_MARKER).is_file():
+        return f"{COMPLETE_MARKER} is missing"
+    return None
 
 
 def save_checkpoint(
@@ -75,8 +163,9 @@ def save_checkpoint(
     barrier: Callable[[], None],
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `epoch` atomically. `write_shared(folder)` runs on the main process only and must
-    write `COMPLETE_MARKER` last; `write_rank(folder)` runs on every rank (per-rank files)."""
+    """Write checkpoint `epoch` atomically. `write_shared(folder)` runs on the main process only (the
+    trainer state included); `write_rank(folder)` runs on every rank (per-rank files); the manifest of all of
+    them is written last."""
     root = Path(root)
     tmp = root / f".tmp-{PREFIX}{epoch:06d}"
     final = checkpoint_dir(root, epoch)
@@ -89,6 +178,7 @@ def save_checkpoint(
     barrier()  # every rank's files are in before the main process seals the folder
     if is_main:
         write_shared(tmp)
+        write_manifest(tmp)
         _pause_for_test(tmp, epoch)
         if final.exists():  # re-saving an epoch (resumed run): move the old one aside, never delete first
             old = root / f".old-{PREFIX}{epoch:06d}"

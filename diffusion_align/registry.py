@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diffusion_align.backbones import load_backbone
 from diffusion_align.errors import UserError
 from diffusion_align.policy import Policy
@@ -94,3 +96,35 @@ def build_reward(rewards_settings: list[RewardSettings], device=None) -> RewardF
     if device is not None:
         combined.to(device)
     return RewardFunction(combined, weights)
+
+
+def custom_components(config) -> list[dict]:
+    """Every reward or strategy the config names as `package.module:attr` (code it imports and runs), with
+    the file that code comes from: [{"key", "ref", "file"}]."""
+    import rewards as rewards_lib
+    from diffusion_align.strategies import STRATEGY_CONFIGS
+
+    found = []
+    for section in ("rewards", "eval_rewards"):
+        for i, settings in enumerate(getattr(config, section)):
+            if settings.name not in rewards_lib.REWARDS:
+                found.append(
+                    _code_origin(f"{section}.{i}.name", settings.name, rewards_lib.resolve(settings.name))
+                )
+    if config.strategy is not None:
+        cls = type(config.strategy)
+        ref = f"{cls.__module__}:{cls.__qualname__}"
+        if ref not in STRATEGY_CONFIGS.values():
+            found.append(_code_origin("strategy.name", ref, cls))
+    return found
+
+
+def _code_origin(key: str, ref: str, obj) -> dict:
+    import inspect
+    import sys
+
+    try:
+        file = inspect.getsourcefile(obj) or inspect.getfile(obj)
+    except TypeError:  # an object without a source file (built-in, or made at run time)
+        file = getattr(sys.modules.get(ref.partition(":")[0]), "__file__", None)
+    return {"key": key, "ref": ref, "file": str(Path(file).resolve()) if file else None}

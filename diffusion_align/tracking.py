@@ -1,8 +1,9 @@
 """Trainer metrics: a JSONL log in the run folder (always), TensorBoard (default), wandb (optional).
 
 Only the main process writes. `metrics.jsonl` has one object per `log` call, `{"epoch": e, "step": s, ...}`;
-on resume the lines after the resumed epoch (written by the interrupted run) are dropped, so the file reads
-as one uninterrupted run.
+on resume from epoch e the lines written after checkpoint e are dropped (later epochs, and a final
+evaluation logged at epoch e itself, which comes after its checkpoint), so the file reads as one
+uninterrupted run. A line torn by a kill mid-write is dropped with a warning.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 from pathlib import Path
 
 from diffusion_align.errors import UserError
+from diffusion_align.run_folder import warn
 
 
 class Tracker:
@@ -34,8 +36,11 @@ class Tracker:
         if resume_epoch is None:
             self.path.write_text("")
         elif self.path.exists():  # keep what happened up to the checkpoint we resume from
-            kept = [line for line in self.read(self.path) if line.get("epoch", -1) <= resume_epoch]
-            self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+            records, torn = self.read_intact(self.path)
+            if torn:
+                warn(f"{self.path}: dropped {torn} unreadable line(s) (a run killed while writing)")
+            kept = [r for r in records if _before_checkpoint(r, resume_epoch)]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -85,12 +90,33 @@ class Tracker:
             self.wandb.finish()
 
     @staticmethod
+    def read_intact(path: str | Path) -> tuple[list[dict], int]:
+        """(the records that parse, how many lines did not)."""
+        records, bad = [], 0
+        for line in Path(path).read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                bad += 1
+        return records, bad
+
+    @staticmethod
     def read(path: str | Path) -> list[dict]:
         """The records of a metrics.jsonl file."""
         path = Path(path)
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _before_checkpoint(record: dict, epoch: int) -> bool:
+    """Whether `record` was logged before checkpoint `epoch` was saved: an epoch's training line precedes its
+    checkpoint; an evaluation-only line at that epoch is the final evaluation, which follows it."""
+    at = record.get("epoch", -1)
+    evaluation_only = all(k in ("epoch", "step") or k.startswith("eval/") for k in record)
+    return at < epoch or (at == epoch and not evaluation_only)
 
 
 def _finite(metrics: dict[str, float]) -> dict:

@@ -15,6 +15,9 @@ Works alone (`diffusion-align train CONFIG`) and under `accelerate launch`. Conv
   after its last micro-batch, which is exactly what DDP's `no_sync` on all but the last micro-batch does.
 - A non-finite reward or loss stops the run with a one-line UserError before anything is saved, so the last
   checkpoint stays the last good one.
+- One run per folder (`run_folder`): a non-empty output_dir is refused unless resumed or overwritten, and
+  nothing is written there before everything the config names has been built. A resume falls back past
+  damaged checkpoints and refuses config changes that alter the math (`config_changes`).
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_align import checkpointing
+from diffusion_align import checkpointing, run_folder
 from diffusion_align.config import save_config, to_dict
 from diffusion_align.distributed import AccelerateGroup
 from diffusion_align.errors import UserError
 from diffusion_align.images import save_grid
 from diffusion_align.prompts import load_prompts
-from diffusion_align.registry import build_backbone, build_policy, build_reward
+from diffusion_align.registry import build_backbone, build_policy, build_reward, custom_components
 from diffusion_align.rollout import rollout
 from diffusion_align.settings import Config
 from diffusion_align.tracking import Tracker
@@ -45,9 +48,10 @@ from diffusion_align.tracking import Tracker
 SUPPORTED_DISTRIBUTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA"}
 
 
-def train(config: Config) -> dict:
-    """Fine-tune `config.model` with `config.strategy`; returns the summary also written to summary.json."""
-    return Trainer(config).run()
+def train(config: Config, overwrite: bool = False) -> dict:
+    """Fine-tune `config.model` with `config.strategy`; returns the summary also written to summary.json.
+    `overwrite`: start over in a non-empty output_dir, deleting its run artifacts (see `run_folder`)."""
+    return Trainer(config, overwrite).run()
 
 
 def derive_seed(*keys: int) -> int:
@@ -90,13 +94,13 @@ class RecordingReward:
 
 
 class Trainer:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, overwrite: bool = False):
         from accelerate import Accelerator
 
         if config.strategy is None:
             raise UserError("no strategy configured: add `strategy: ddpo` (or d3po, alignprop, draft, prdp)")
         self.config = config
-        t, ck = config.train, config.checkpoint
+        t = config.train
         # Processes started by torchrun on a machine without CUDA form a CPU (gloo) group only with cpu=True.
         launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
         cpu = config.model.device == "cpu" or (launched and not torch.cuda.is_available())
@@ -128,9 +132,8 @@ class Trainer:
         self.local_batch = t.batch_size // self.world
         self.run_dir = Path(config.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.resume_from = checkpointing.resolve_resume(ck.resume, self.ckpt_root)
-        if self.is_main:  # the resolved config, before anything can fail half-way
-            save_config(config, self.run_dir / "config.yaml")
+        self.folder_start = run_folder.on_main(acc, lambda: run_folder.check_start(config, overwrite))
+        self.resume_from = self.folder_start.resume_from
 
         torch.manual_seed(derive_seed(t.seed, self.rank, 7))  # dropout etc.; saved with the RNG state
         model = dataclasses.replace(config.model, device=str(acc.device))
@@ -174,6 +177,8 @@ class Trainer:
         self.history: list[dict] = []  # per-epoch train/eval reward for the curve
         if self.resume_from is not None:
             self._load(self.resume_from)
+        if self.is_main:  # the config is valid: everything it names is built
+            run_folder.write_start(config, self.folder_start, custom_components(config))
         self.tracker = Tracker(
             self.run_dir,
             tensorboard=config.logging.tensorboard,
@@ -181,7 +186,7 @@ class Trainer:
             wandb_project=config.logging.wandb_project,
             config=to_dict(config),
             enabled=self.is_main,
-            resume_epoch=self.epoch if self.resume_from is not None else None,
+            resume_epoch=None if self.folder_start.event == "start" else self.epoch,
         )
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -439,6 +444,7 @@ class Trainer:
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
             torch.save(self.reward_fn.state_dict(), folder / "reward.pt")
+            save_config(self.config, folder / "config.yaml")  # what a resume is compared with
             if hasattr(self.strategy, "state_dict"):
                 torch.save(self.strategy.state_dict(), folder / "strategy.pt")
             state = {

@@ -97,7 +97,7 @@ def test_overwrite_starts_the_folder_over(finished_run, tmp_path):
             "train.learning_rate: 0.0003 -> 0.001; train.seed: 0 -> 1",
         ),
         ({"sample.num_steps": 3}, "sample.num_steps: 2 -> 3"),
-        ({"strategy": "{name: ddpo, clip_range: 0.5}"}, "strategy.clip_range: 0.0001 -> 0.5"),
+        ({"strategy": {"name": "ddpo", "clip_range": 0.5}}, "strategy.clip_range: 0.0001 -> 0.5"),
         (
             {"rewards": "[{name: jpeg_compressibility, normalize: true}]"},
             "rewards.0.normalize: false -> true",
@@ -108,7 +108,8 @@ def test_resume_refuses_changes_that_alter_the_math(finished_run, tmp_path, chan
     run = copy_of(finished_run, tmp_path)
     before = snapshot(run)
     with pytest.raises(UserError) as info:
-        train(tiny_config(run, "ddpo", **{**SETTINGS, "checkpoint.resume": "latest", **change}))
+        strategy = change.pop("strategy", "ddpo")
+        train(tiny_config(run, strategy, **{**SETTINGS, "checkpoint.resume": "latest", **change}))
     message = str(info.value)
     assert diff in message and "\n" not in message
     assert snapshot(run) == before

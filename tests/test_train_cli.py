@@ -39,6 +39,21 @@ def test_train_command_runs_and_prints_summary(tmp_path, capsys):
     assert printed["epochs"] == 1 and printed["run_dir"] == str(tmp_path / "out")
     assert {"eval_before", "eval_after", "seconds"} <= set(printed)
     assert (tmp_path / "out" / "lora" / LORA).is_file()
+    # the same command again: the folder holds a run, so it is refused; --overwrite (after CONFIG, before
+    # the overrides) starts over
+    assert main(["train", str(path), "train.epochs=1", f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not empty" in err and "--overwrite" in err and "\n" not in err
+    assert main(["train", str(path), "--overwrite", "train.epochs=1", f"output_dir={tmp_path / 'out'}"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 1
+
+
+def test_train_help_says_a_config_is_code_and_what_overwrite_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "A config is code" in text and "custom_components.json" in text
+    assert "--overwrite" in text and "delete its run artifacts" in text
 
 
 @pytest.mark.parametrize(

@@ -205,8 +205,8 @@ def test_run_writes_everything_and_lora_loads_in_diffusers(tmp_path, toy):
         "checkpoint-000003",
     ]
     (root / ".tmp-checkpoint-000004").mkdir()
-    assert checkpointing.resolve_resume("latest", root).name == "checkpoint-000003"
-    assert checkpointing.resolve_resume("latest", tmp_path / "nothing") is None
+    assert checkpointing.resolve_resume("latest", root)[0].name == "checkpoint-000003"
+    assert checkpointing.resolve_resume("latest", tmp_path / "nothing") == (None, [])
     with pytest.raises(UserError, match="no complete checkpoint"):
         checkpointing.resolve_resume(str(root / ".tmp-checkpoint-000004"), root)
     state = json.loads((root / "checkpoint-000003" / checkpointing.COMPLETE_MARKER).read_text())
@@ -307,7 +307,7 @@ def test_sigkill_inside_checkpoint_write_keeps_previous(tmp_path):
     assert (marker.parent / checkpointing.COMPLETE_MARKER).is_file()  # the new one was fully written ...
     os.kill(proc.pid, signal.SIGKILL)  # ... but not yet renamed into place
     proc.wait()
-    latest = checkpointing.resolve_resume("latest", out / "checkpoints")
+    latest, _ = checkpointing.resolve_resume("latest", out / "checkpoints")
     assert latest.name == "checkpoint-000001"
     before = lora_of(latest / "lora")
     register_toy()

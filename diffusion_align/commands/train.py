@@ -21,7 +21,17 @@ examples:
   accelerate launch --config_file configs/accelerate/ddp.yaml -m diffusion_align train configs/quickstart.yaml
 
 Writes into output_dir: config.yaml, metrics.jsonl, logs/ (TensorBoard), samples/before.png and after.png,
-reward_curve.png, lora/ (loads with diffusers' load_lora_weights), checkpoints/, summary.json.
+reward_curve.png, lora/ (loads with diffusers' load_lora_weights), checkpoints/, summary.json,
+config_history.jsonl (every start and resume, with the config changes it accepted).
+
+One run per folder: a non-empty output_dir is refused unless the run resumes from a checkpoint in it
+(checkpoint.resume=latest) or --overwrite is given. Nothing is written before the config is valid.
+Resume uses the newest intact checkpoint (a damaged one is skipped with a warning). It refuses changes
+that alter the math (model, sample, lora, rewards, strategy, prompts.train, train.* other than epochs
+and micro_batch_size), naming them; epochs, logging, evaluation and checkpoint cadence may change.
+
+A config is code: a reward or strategy named 'package.module:attr' imports and runs that module, so only
+train configs you trust. The file of every such component is listed in custom_components.json.
 """
 
 
@@ -31,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="a YAML config (see configs/)")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=5"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a non-empty output_dir: once the config is valid, delete its run artifacts "
+        "(checkpoints/, metrics.jsonl, logs/, samples/, lora/, ...); a file a run does not write is never "
+        "deleted (the run is refused instead)",
     )
 
 
@@ -42,7 +59,7 @@ def run(args) -> int:
     if bad:
         raise UserError(f"expected key=value overrides after the config file, got {bad[0]!r}")
     config = load_config(args.config, args.overrides)
-    summary = train(config)
+    summary = train(config, overwrite=args.overwrite)
     if summary.get("lora_dir"):  # the main process
         keep = ("eval_before", "eval_after", "epochs", "seconds", "run_dir")
         print(json.dumps({k: summary[k] for k in keep}, indent=1))
