@@ -127,6 +127,7 @@ def test_resume_accepts_and_records_epochs_logging_and_cadence(finished_run, tmp
         "checkpoint.keep_last": [3, 1],
         "logging.log_every": [1, 2],
         "checkpoint.resume": [None, "latest"],
+        "output_dir": [str(finished_run), str(run)],  # the folder was copied: moving a run is allowed
     }
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3
 
