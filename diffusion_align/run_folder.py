@@ -65,6 +65,8 @@ class RunStart:
 def check_start(config, overwrite: bool) -> RunStart:
     """Decide how the run starts; reads the folder, writes nothing, raises a UserError when it may not."""
     run_dir = Path(config.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output_dir {run_dir} is a file; choose a folder (new or empty)")
     root = run_dir / "checkpoints"
     resume = config.checkpoint.resume
     chosen, damaged = checkpointing.resolve_resume(resume, root)

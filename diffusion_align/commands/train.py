@@ -18,6 +18,7 @@ examples:
   diffusion-align train configs/quickstart.yaml
   diffusion-align train configs/quickstart.yaml train.epochs=5 output_dir=runs/try
   diffusion-align train runs/try/config.yaml checkpoint.resume=latest
+  diffusion-align train configs/quickstart.yaml --overwrite          # start runs/quickstart over
   accelerate launch --config_file configs/accelerate/ddp.yaml -m diffusion_align train configs/quickstart.yaml
 
 Writes into output_dir: config.yaml, metrics.jsonl, logs/ (TensorBoard), samples/before.png and after.png,
