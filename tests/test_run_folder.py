@@ -145,3 +145,43 @@ def test_custom_components_are_logged_with_their_files(tmp_path):
     assert by_key["rewards.0.name"]["ref"] == f"{__name__}:CustomJpeg"
     assert Path(by_key["rewards.0.name"]["file"]) == Path(__file__).resolve()
     assert Path(by_key["strategy.name"]["file"]) == Path(test_trainer.__file__).resolve()
+
+
+def test_check_start_rules_without_training(finished_run, tmp_path):
+    """The folder rules alone (`check_start` reads, never writes): a run killed before its first checkpoint
+    restarts with `resume=latest` if its config is the same; --overwrite cannot resume from the folder it
+    clears; an output_dir that is a file is refused."""
+    from diffusion_align.config import save_config
+    from diffusion_align.run_folder import check_start
+
+    killed = tmp_path / "killed"
+    config = tiny_config(killed, "ddpo", **SETTINGS)
+    save_config(config, killed / "config.yaml")
+    (killed / "metrics.jsonl").write_text('{"epoch": 1, "st')
+    latest = tiny_config(killed, "ddpo", **{**SETTINGS, "checkpoint.resume": "latest", "train.epochs": 5})
+    start = check_start(latest, overwrite=False)
+    assert start.event == "restart" and start.resume_from is None
+    assert start.changes["train.epochs"] == (2, 5)
+    with pytest.raises(UserError, match="lora.rank: 4 -> 8"):
+        check_start(
+            tiny_config(killed, "ddpo", **{**SETTINGS, "checkpoint.resume": "latest", "lora.rank": 8}), False
+        )
+    with pytest.raises(UserError, match="not empty"):
+        check_start(config, overwrite=False)
+    assert check_start(config, overwrite=True).clear
+    resume_inside = tiny_config(finished_run, "ddpo", **{**SETTINGS, "checkpoint.resume": "latest"})
+    with pytest.raises(UserError, match="--overwrite .* drop one of the two"):
+        check_start(resume_inside, overwrite=True)
+    # resuming another folder's checkpoint into a new folder is allowed (the config is still compared)
+    elsewhere = str(finished_run / "checkpoints" / "checkpoint-000001")
+    start = check_start(
+        tiny_config(tmp_path / "new", "ddpo", **{**SETTINGS, "checkpoint.resume": elsewhere}), False
+    )
+    assert start.event == "resume" and start.resume_from == Path(elsewhere)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        check_start(tiny_config(tmp_path / "file", "ddpo", **SETTINGS), False)
+    assert snapshot(killed) == {
+        "config.yaml": (killed / "config.yaml").read_bytes(),
+        "metrics.jsonl": b'{"epoch": 1, "st',
+    }

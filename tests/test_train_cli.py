@@ -102,3 +102,6 @@ def test_accelerate_two_processes_match_one_process(tmp_path):
     assert summary["eval_after"] == pytest.approx(
         json.loads((one / "summary.json").read_text())["eval_after"], abs=1e-3
     )
+    # the run folder is checked on the main process and its verdict shared: both ranks stop, none hangs
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "is not empty" in again.stderr
