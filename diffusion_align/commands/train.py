@@ -28,8 +28,8 @@ config_history.jsonl (every start and resume, with the config changes it accepte
 One run per folder: a non-empty output_dir is refused unless the run resumes from a checkpoint in it
 (checkpoint.resume=latest) or --overwrite is given. Nothing is written before the config is valid.
 Resume uses the newest intact checkpoint (a damaged one is skipped with a warning). It refuses changes
-that alter the math (model, sample, lora, rewards, strategy, prompts.train, train.* other than epochs
-and micro_batch_size), naming them; epochs, logging, evaluation and checkpoint cadence may change.
+that alter the math (model weights and dtype, sampling, lora, rewards, strategy, prompts.train, optimizer,
+seeds), naming them; epochs, logging, evaluation, checkpoint cadence and memory knobs may change.
 
 A config is code: a reward or strategy named 'package.module:attr' imports and runs that module, so only
 train configs you trust. The file of every such component is listed in custom_components.json.
