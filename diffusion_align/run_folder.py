@@ -138,7 +138,14 @@ def _accepted(saved: Path, config, source: str) -> dict:
         data = yaml.safe_load(saved.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise UserError(f"cannot resume {source}: its config {saved} does not read ({e})") from e
-    return config_changes.check_resume(data or {}, config, source)
+    accepted = config_changes.check_resume(data or {}, config, source)
+    evaluation = [k for k in accepted if k.startswith(("prompts.eval", "eval_rewards"))]
+    if evaluation:
+        warn(
+            f"evaluation settings changed ({', '.join(evaluation[:3])}): the run's 'before' evaluation was "
+            "measured with the old ones, so before/after compare different sets"
+        )
+    return accepted
 
 
 def _listing(names: list[str], limit: int = 4) -> str:
