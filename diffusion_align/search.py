@@ -104,7 +104,8 @@ class FKResampler:
             raise ValueError(f"potential {potential!r}: choose max, add, diff or rt")
         self.k, self.lmbda, self.potential, self.adaptive = num_particles, float(lmbda), potential, adaptive
         self.generator = generator
-        # -inf: the first max potential is the reward itself (the official starts at a reward floor, 0)
+        # -inf: the first max potential is the reward itself (the official starts from a reward floor that
+        # defaults to 0, the same for rewards >= 0)
         start = -torch.inf if potential == "max" else 0.0
         self.population = torch.full((num_particles,), start, dtype=torch.float64)
         self.product = torch.ones(num_particles, dtype=torch.float64)
@@ -125,9 +126,11 @@ class FKResampler:
                 w = w / self.product
         w = torch.nan_to_num(w.clamp(0, 1e10), nan=0.0)
         self.weights = w
-        ess = w.sum() ** 2 / (w**2).sum() if w.sum() > 0 else torch.tensor(0.0)
-        resample = ess < self.k / 2 if self.adaptive or final else True
-        if not resample or not w.sum() > 0:
+        total = w.sum()
+        keep = not total > 0  # every weight 0 (NaN rewards): nothing to resample by
+        if not keep and (self.adaptive or final):
+            keep = bool(1 / ((w / total) ** 2).sum() >= self.k / 2)  # ESS >= K/2
+        if keep:
             self.population = value
             return None
         idx = torch.multinomial(w / w.sum(), self.k, replacement=True, generator=self.generator)
