@@ -7,9 +7,10 @@
    Calls alternate so background load hits both alike; the median of the repeats is reported.
    Models: tiny-sd (1 Euler-ancestral step, trailing), the bundled shapes model (2 DDIM steps, CFG 3) and,
    with --only turbo, an SD-Turbo-size UNet (SD 2.1 architecture, random weights) at a small latent.
-2. Quality. On the bundled shapes model, ReNO with N iterations against best-of-N and FK steering (N/2
-   particles, max potential, lambda 10, resampling at both steps; same seeds, steps, guidance; N reward
-   calls each), over held-out prompts x seeds: mean best differentiable reward, and the
+2. Quality. On the bundled shapes model (2 DDIM steps, trailing spacing, CFG 3), ReNO with N iterations
+   against best-of-N and FK steering (N/2 particles, max potential, lambda 10, resampling at both steps;
+   same start seeds 0, N, 2N, ...; N reward calls each), over held-out prompts x seeds: mean best
+   differentiable reward, and the
    detector-based shapes_match / shapes_color of the chosen images (not optimised, so it shows transfer).
 3. Steps (--only steps). Mean reward of single samples of the shapes model at 1, 2, 4, 10 steps through the
    ReNO/search generator ("auto": DDIM with trailing spacing) against the model's own scheduler ("native":
@@ -36,7 +37,7 @@ from bench_rollout import SD15_UNET  # noqa: E402  (a sibling script: benchmarks
 
 import rewards  # noqa: E402
 from diffusion_align.backbones import StableDiffusionBackbone, load_backbone  # noqa: E402
-from diffusion_align.few_step import draw_noise, make_generator  # noqa: E402
+from diffusion_align.few_step import draw_noise, generation_scheduler, make_generator  # noqa: E402
 from diffusion_align.reno import reno  # noqa: E402
 from diffusion_align.search import best_of_n, fk_steering  # noqa: E402
 from diffusion_align.zoo.shapes_data import heldout_prompts  # noqa: E402
@@ -100,10 +101,8 @@ def bare_iteration(backbone, scheduler, hidden, z, steps: int, guidance: float, 
 def speed(kind: str, iters: int, repeats: int) -> dict:
     backbone, steps, guidance = build(kind)
     reward = rewards.build("shapes_color_soft")
-    if steps > 1:  # the DDIM path: the same scheduler math as DDIMSampler, driven by diffusers' own step
-        from diffusers import DDIMScheduler
-
-        scheduler = DDIMScheduler.from_config(backbone.scheduler.config)
+    if steps > 1:  # the DDIM path: the same scheduler math and spacing as ReNO's, with diffusers' own step
+        scheduler = generation_scheduler(backbone.scheduler)
     else:
         scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
     embeds = backbone.encode_prompts([PROMPT], guidance=guidance > 1)
