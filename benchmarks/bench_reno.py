@@ -7,13 +7,18 @@
    Calls alternate so background load hits both alike; the median of the repeats is reported.
    Models: tiny-sd (1 Euler-ancestral step, trailing), the bundled shapes model (2 DDIM steps, CFG 3) and,
    with --only turbo, an SD-Turbo-size UNet (SD 2.1 architecture, random weights) at a small latent.
-2. Quality. On the bundled shapes model, ReNO with N iterations against best-of-N and FK steering (N/2
-   particles, max potential, lambda 10, resampling at both steps; same seeds, steps, guidance; N reward
-   calls each), over held-out prompts x seeds: mean best differentiable reward, and the
+2. Quality. On the bundled shapes model (2 DDIM steps, trailing spacing, CFG 3), ReNO with N iterations
+   against best-of-N and FK steering (N/2 particles, max potential, lambda 10, resampling at both steps;
+   same start seeds 0, N, 2N, ...; N reward calls each), over held-out prompts x seeds: mean best
+   differentiable reward, and the
    detector-based shapes_match / shapes_color of the chosen images (not optimised, so it shows transfer).
+3. Steps (--only steps). Mean reward of single samples of the shapes model at 1, 2, 4, 10 steps through the
+   ReNO/search generator ("auto": DDIM with trailing spacing) against the model's own scheduler ("native":
+   DDIM with the "leading" spacing it ships, one step at t=1; what "auto" did before trailing spacing).
 
     python benchmarks/bench_reno.py                       # speed (tiny, shapes) + quality
     python benchmarks/bench_reno.py --only turbo          # SD-Turbo-size UNet on CPU (a few minutes)
+    python benchmarks/bench_reno.py --only steps --guidance 0 --prompts 16 --seeds 4
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from bench_rollout import SD15_UNET  # noqa: E402  (a sibling script: benchmarks
 
 import rewards  # noqa: E402
 from diffusion_align.backbones import StableDiffusionBackbone, load_backbone  # noqa: E402
-from diffusion_align.few_step import draw_noise  # noqa: E402
+from diffusion_align.few_step import draw_noise, generation_scheduler, make_generator  # noqa: E402
 from diffusion_align.reno import reno  # noqa: E402
 from diffusion_align.search import best_of_n, fk_steering  # noqa: E402
 from diffusion_align.zoo.shapes_data import heldout_prompts  # noqa: E402
@@ -96,10 +101,8 @@ def bare_iteration(backbone, scheduler, hidden, z, steps: int, guidance: float, 
 def speed(kind: str, iters: int, repeats: int) -> dict:
     backbone, steps, guidance = build(kind)
     reward = rewards.build("shapes_color_soft")
-    if steps > 1:  # the DDIM path: the same scheduler math as DDIMSampler, driven by diffusers' own step
-        from diffusers import DDIMScheduler
-
-        scheduler = DDIMScheduler.from_config(backbone.scheduler.config)
+    if steps > 1:  # the DDIM path: the same scheduler math and spacing as ReNO's, with diffusers' own step
+        scheduler = generation_scheduler(backbone.scheduler)
     else:
         scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
     embeds = backbone.encode_prompts([PROMPT], guidance=guidance > 1)
@@ -170,9 +173,29 @@ def quality(n_prompts: int, seeds: int, budget: int, reward_name: str) -> dict:
     }
 
 
+@torch.no_grad()
+def steps_table(n_prompts: int, seeds: int, guidance: float) -> dict:
+    """{(scheduler, steps): {reward: mean over prompts x seeds}} of single samples of the shapes model."""
+    backbone = load_backbone("shapes", device="cpu")
+    judges = {n: rewards.build(n) for n in ("shapes_color_soft", "shapes_color", "shapes_match")}
+    seed_list = list(range(seeds))
+    table = {}
+    for scheduler in ("native", "auto"):
+        for steps in (1, 2, 4, 10):
+            generate = make_generator(backbone, steps, guidance, scheduler)
+            scores = {n: [] for n in judges}
+            for prompt in heldout_prompts(n_prompts):
+                embeds = backbone.encode_prompts([prompt], guidance=guidance > 1).repeat_interleave(seeds)
+                images = generate(draw_noise(backbone, seed_list), embeds, seed_list)
+                for n, judge in judges.items():
+                    scores[n].extend(judge(images, [prompt] * seeds).float().tolist())
+            table[scheduler, steps] = {n: statistics.mean(v) for n, v in scores.items()}
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["tiny", "shapes", "turbo", "quality"], nargs="*",
+    parser.add_argument("--only", choices=["tiny", "shapes", "turbo", "quality", "steps"], nargs="*",
                         default=["tiny", "shapes", "quality"])  # fmt: skip
     parser.add_argument("--iters", type=int, default=10, help="ReNO iterations per timed call")
     parser.add_argument("--repeats", type=int, default=5)
@@ -185,9 +208,10 @@ def main() -> None:
     parser.add_argument(
         "--reward", default="shapes_color_soft", help="shapes_color_soft or clip (shapes-clip)"
     )
+    parser.add_argument("--guidance", type=float, default=3.0, help="CFG scale of the steps table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    speeds = [k for k in args.only if k != "quality"]
+    speeds = [k for k in args.only if k not in ("quality", "steps")]
     if speeds:
         print(f"{'model':7} {'latent':>6} {'steps':>5} {'reno s/it':>10} {'bare s/it':>10} {'ratio':>6}")
     for kind in speeds:
@@ -211,6 +235,18 @@ def main() -> None:
             print(
                 f"{label:18} {row['reward']:>17.4f} {row['shapes_match']:>13.4f} {row['shapes_color']:>13.4f}"
             )
+
+    if "steps" in args.only:
+        table = steps_table(args.prompts, args.seeds, args.guidance)
+        print(f"\nshapes model single samples, CFG {args.guidance}; {args.prompts} held-out prompts x seeds "
+              f"0..{args.seeds - 1}")  # fmt: skip
+        print(
+            f"{'spacing':8} {'steps':>5} {'shapes_color_soft':>18} {'shapes_color':>13} {'shapes_match':>13}"
+        )
+        for (scheduler, steps), row in table.items():
+            spacing = "leading" if scheduler == "native" else "trailing"
+            print(f"{spacing:8} {steps:>5} {row['shapes_color_soft']:>18.3f} {row['shapes_color']:>13.3f} "
+                  f"{row['shapes_match']:>13.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

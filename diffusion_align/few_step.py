@@ -5,7 +5,11 @@ Two ways to turn a standard-normal z into an image:
   SD-Turbo / SDXL-Turbo, LCM as in Hyper-SD / LCM models, or any scheduler with `scale_model_input` + `step`),
   keeping the autograd graph: diffusers' step functions are plain tensor arithmetic.
 - `RolloutGenerator` goes through the project's one DDIM loop (`rollout(..., grad_to_noise=True)`), so any
-  backbone works even without a few-step scheduler.
+  backbone works even without a few-step scheduler. It steps DDIM with **trailing** timestep spacing
+  (`generation_scheduler`): with the "leading" spacing that SD 1.x/2.x and the bundled model ship, one step
+  is timestep 1 and two are [501, 1], so a sample from pure noise stays noise; trailing starts at T - 1
+  (one step 999, two [999, 499]), as SD-Turbo ships. Training rollouts and `sample` keep the model's own
+  spacing (diffusers parity); only ReNO and the search baselines generate this way.
 
 Both take z of shape (B, C, h, w) ~ N(0, I) (the ReNO regulariser assumes this scale) and multiply it by the
 scheduler's `init_noise_sigma` themselves, exactly as the diffusers pipelines do with user-given latents. So
@@ -31,6 +35,13 @@ FEW_STEP_SCHEDULERS = {
 }
 # Schedulers whose math `DDIMSampler` reproduces: "auto" sends these through `rollout`.
 DDIM_COMPATIBLE = {"DDIMScheduler", "DDPMScheduler", "PNDMScheduler"}
+
+
+def generation_scheduler(scheduler):
+    """A `DDIMScheduler` on `scheduler`'s noise schedule with trailing spacing, for generation from noise."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
 
 
 def _generators(seeds: list[int]) -> list[torch.Generator]:
@@ -122,10 +133,10 @@ def make_generator(
 ):
     """The noise -> image map for `backbone`.
 
-    scheduler: "auto" (the backbone's own scheduler: DDIM-like ones go through `rollout`, others such as
-    SD-Turbo's Euler ancestral are stepped directly), "ddim" (always `rollout`), "native" (always the
-    backbone's scheduler), or a few-step scheduler built on the backbone's schedule: "euler_ancestral"
-    (trailing spacing), "euler" (trailing) or "lcm".
+    scheduler: "auto" (the backbone's own scheduler: DDIM-like ones go through `rollout` with trailing
+    spacing, others such as SD-Turbo's Euler ancestral are stepped directly), "ddim" (always `rollout`,
+    trailing), "native" (always the backbone's scheduler, its own spacing), or a few-step scheduler built on
+    the backbone's schedule: "euler_ancestral" (trailing spacing), "euler" (trailing) or "lcm".
     """
     own = backbone.scheduler
     if scheduler == "auto":
@@ -133,9 +144,8 @@ def make_generator(
     if scheduler == "ddim":
         from diffusion_align.samplers import DDIMSampler
 
-        return RolloutGenerator(
-            backbone, DDIMSampler.from_scheduler(own, eta), num_steps, guidance_scale, eta, checkpoint
-        )
+        sampler = DDIMSampler(generation_scheduler(own), eta)
+        return RolloutGenerator(backbone, sampler, num_steps, guidance_scale, eta, checkpoint)
     if scheduler == "native":
         return SchedulerGenerator(backbone, own, num_steps, guidance_scale, checkpoint)
     if scheduler in FEW_STEP_SCHEDULERS:

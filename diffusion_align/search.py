@@ -4,11 +4,13 @@ best_of_n: draw N initial noises (seeds seed, seed+1, ...), generate each once, 
 reward. With the same seed and generator settings its first candidate is ReNO's first image, and
 N = ReNO's reward calls (its `iterations`) matches the budget.
 
-fk_steering (Singhal et al. 2025, Feynman-Kac steering): K particles denoised together; at resampling steps
-the rewards of their decoded x0 predictions give potentials (max / add / diff / rt), and particles are
-resampled multinomially (only when ESS < K/2 if adaptive), always at the final step, where the potential is
-exp(lambda * r) / product of the potentials already applied. Weights are clamped to [0, 1e10], NaN -> 0.
-Reward calls = K x number of resampling steps.
+fk_steering (Singhal et al. 2025, Feynman-Kac steering), following the official `fkd_class.py`: K particles
+denoised together; at resampling steps the rewards of their decoded x0 predictions give potentials (max /
+add / diff / rt) and particles are resampled multinomially, only when ESS < K/2 if adaptive, and at the final
+step only when ESS < K/2 whatever `adaptive` says. The final potential is exp(lambda * p) / product of the
+potentials already applied, p being the potential's value (max(r, r_prev) for max, r + r_prev for add, r
+for rt); diff keeps exp(lambda * (r - r_prev)). Weights are clamped to [0, 1e10], NaN -> 0. The returned
+pick is the best by reward of the final particles. Reward calls = K x number of resampling steps.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusion_align.few_step import DDIM_COMPATIBLE, _generators, draw_noise, make_generator
+from diffusion_align.few_step import (
+    DDIM_COMPATIBLE,
+    _generators,
+    draw_noise,
+    generation_scheduler,
+    make_generator,
+)
 from diffusion_align.reno import as_reward_dict, score
 
 
@@ -85,6 +93,51 @@ def fk_schedule(num_steps: int, frequency: int, window: tuple[int, int]) -> list
                   | {num_steps - 1})  # fmt: skip
 
 
+class FKResampler:
+    """FK steering's weighting and resampling of K particles, one call per resampling step (the rule of the
+    official `FKD.resample`). Holds the population's potential values and the product of the potentials
+    applied so far to each lineage (it grows only when particles are resampled).
+    """
+
+    def __init__(self, num_particles: int, lmbda: float, potential: str, adaptive: bool, generator=None):
+        if potential not in ("max", "add", "diff", "rt"):
+            raise ValueError(f"potential {potential!r}: choose max, add, diff or rt")
+        self.k, self.lmbda, self.potential, self.adaptive = num_particles, float(lmbda), potential, adaptive
+        self.generator = generator
+        # -inf: the first max potential is the reward itself (the official starts from a reward floor that
+        # defaults to 0, the same for rewards >= 0)
+        start = -torch.inf if potential == "max" else 0.0
+        self.population = torch.full((num_particles,), start, dtype=torch.float64)
+        self.product = torch.ones(num_particles, dtype=torch.float64)
+        self.weights: Tensor | None = None  # the last step's weights (K,), float64
+
+    def __call__(self, r: Tensor, final: bool) -> Tensor | None:
+        """r: (K,) rewards of the particles' x0 predictions. Returns the resampled indices (K,), or None
+        when the particles are kept."""
+        r = r.detach().double().cpu()
+        if self.potential == "diff":
+            value, w = r, torch.exp(self.lmbda * (r - self.population))
+        else:
+            value = {"max": torch.maximum(r, self.population), "add": r + self.population, "rt": r}[
+                self.potential
+            ]
+            w = torch.exp(self.lmbda * value)
+            if final:  # the target is exp(lambda * value) alone: undo the potentials already applied
+                w = w / self.product
+        w = torch.nan_to_num(w.clamp(0, 1e10), nan=0.0)
+        self.weights = w
+        total = w.sum()
+        keep = not total > 0  # every weight 0 (NaN rewards): nothing to resample by
+        if not keep and (self.adaptive or final):
+            keep = bool(1 / ((w / total) ** 2).sum() >= self.k / 2)  # ESS >= K/2
+        if keep:
+            self.population = value
+            return None
+        idx = torch.multinomial(w / w.sum(), self.k, replacement=True, generator=self.generator)
+        self.population, self.product = value[idx], self.product[idx] * w[idx]
+        return idx
+
+
 @torch.no_grad()
 def fk_steering(
     backbone,
@@ -105,27 +158,23 @@ def fk_steering(
     size: tuple[int, int] | None = None,
     progress: bool = True,
 ) -> SearchResult:
-    """FK steering with the backbone's scheduler (DDIM-eta for DDIM-type schedulers); returns the best final
-    particle. resample_window: inclusive step-index range (0 = noisiest step)."""
-    from diffusers import DDIMScheduler
-
-    if potential not in ("max", "add", "diff", "rt"):
-        raise ValueError(f"potential {potential!r}: choose max, add, diff or rt")
+    """FK steering with the backbone's scheduler (DDIM-eta with trailing spacing for DDIM-type schedulers,
+    as `few_step.make_generator`); returns the best final particle. resample_window: inclusive step-index
+    range (0 = noisiest step)."""
     rewards, weights = as_reward_dict(reward, weights)
+    k = num_particles
+    # resampling draws come from their own generator, apart from the step noise
+    resampler = FKResampler(k, lmbda, potential, adaptive, torch.Generator().manual_seed(seed + 2**31))
     own = backbone.scheduler
     ddim = type(own).__name__ in DDIM_COMPATIBLE
-    sched = DDIMScheduler.from_config(own.config) if ddim else type(own).from_config(own.config)
+    sched = generation_scheduler(own) if ddim else type(own).from_config(own.config)
     sched.set_timesteps(num_steps, device=backbone.device)
-    k = num_particles
     seeds = list(range(seed, seed + k))
     gens = _generators(seeds)
-    picker = torch.Generator().manual_seed(seed + 2**31)  # resampling draws, apart from step noise
     embeds = backbone.encode_prompts([prompt], negative_prompt, guidance=guidance_scale > 1, size=size)
     embeds = embeds.repeat_interleave(k)
     x = (draw_noise(backbone, seeds, size) * sched.init_noise_sigma).to(backbone.dtype)
     resample_at = set(fk_schedule(num_steps, resample_frequency, resample_window))
-    r_prev = torch.full((k,), -torch.inf) if potential == "max" else torch.zeros(k)
-    product = torch.ones(k, dtype=torch.float64)  # potentials applied so far, per lineage
     calls, final = 0, None
     step_kwargs = {"eta": eta} if ddim else {}
     for i, t in enumerate(tqdm(sched.timesteps, desc="fk-steering", disable=not progress)):
@@ -134,25 +183,15 @@ def fk_steering(
         if i in resample_at:
             images = backbone.decode(x0.to(backbone.dtype))
             r, _ = score(rewards, weights, images, [prompt] * k)
-            r = r.float().cpu()
+            r, images = r.float().cpu(), images.float().cpu()
             calls += k
-            if i == num_steps - 1:  # undo the earlier potentials: the target is exp(lambda * r) alone
-                w = torch.exp(lmbda * r.double()) / product
-                final = (r, images.float().cpu())
-            elif potential == "diff":
-                w = torch.exp(lmbda * (r - r_prev).double())
-            else:
-                r = {"max": torch.maximum(r, r_prev), "add": r + r_prev, "rt": r}[potential]
-                w = torch.exp(lmbda * r.double())
-            w = torch.nan_to_num(w, nan=0.0).clamp(0, 1e10)
-            ess = w.sum() ** 2 / (w**2).sum().clamp(min=1e-300)
-            if w.sum() > 0 and (not adaptive or ess < k / 2 or i == num_steps - 1):
-                idx = torch.multinomial(w.float() / w.sum().float(), k, replacement=True, generator=picker)
-                x_prev, r, product = x_prev[idx.to(x.device)], r[idx], product[idx] * w[idx]
-                if final is not None:
-                    final = (final[0][idx], final[1][idx])
-            r_prev = r
+            idx = resampler(r, final=i == num_steps - 1)
+            if idx is not None:
+                x_prev, r, images = x_prev[idx.to(x.device)], r[idx], images[idx]
+            final = (r, images)
         x = x_prev
+    # the final particles' images are their last x0 predictions (scored within the budget), so the pick
+    # is the official one, the best final particle by reward
     best = int(final[0].argmax())
     return SearchResult(
         best_image=final[1][best],

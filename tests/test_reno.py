@@ -1,12 +1,13 @@
-"""ReNO: the chi-norm regulariser, gradient to the noise through few-step schedulers, reward gain on the
-bundled shapes model, determinism, best-by-reward bookkeeping, CLI outputs, non-differentiable rewards."""
+"""ReNO: the chi-norm regulariser, gradient to the noise through few-step schedulers, trailing spacing on
+DDIM-type models, reward gain on the bundled shapes model, determinism, best-by-reward bookkeeping, CLI
+outputs, non-differentiable rewards."""
 
 import json
 import math
 
 import pytest
 import torch
-from diffusers import EulerAncestralDiscreteScheduler, LCMScheduler
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, LCMScheduler, StableDiffusionPipeline
 
 import rewards
 from diffusion_align.backbones import StableDiffusionBackbone, load_backbone
@@ -14,6 +15,7 @@ from diffusion_align.cli import main
 from diffusion_align.errors import UserError
 from diffusion_align.few_step import draw_noise, make_generator
 from diffusion_align.reno import chi_regulariser, reno
+from diffusion_align.search import best_of_n
 from diffusion_align.zoo.shapes_data import heldout_prompts
 
 PROMPT = "one large red circle on a white background"
@@ -66,6 +68,43 @@ def test_scheduler_generator_reproduces_pipeline_and_reaches_the_noise(sd, kind,
     assert (images - expected).abs().max() < 1e-4
     images.mean().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def trailing_pipeline(pipe) -> StableDiffusionPipeline:
+    """`pipe` with diffusers' own DDIMScheduler at trailing spacing: the reference for few-step generation."""
+    trailing = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    return StableDiffusionPipeline(**{**pipe.components, "scheduler": trailing})
+
+
+@pytest.mark.parametrize("steps,timesteps", [(1, [999]), (2, [999, 499]), (4, [999, 749, 499, 249])])
+def test_ddim_type_models_generate_with_diffusers_trailing_spacing(sd, steps, timesteps):
+    # the model ships DDIM with "leading" spacing: one step would be t=1 and two [501, 1], i.e. noise
+    assert sd.scheduler.config.timestep_spacing == "leading"
+    reference = trailing_pipeline(sd)
+    reference.scheduler.set_timesteps(steps)
+    assert reference.scheduler.timesteps.tolist() == timesteps
+    backbone = StableDiffusionBackbone(sd)
+    z = draw_noise(backbone, [7])
+    expected = reference(PROMPT, num_inference_steps=steps, guidance_scale=0.0, latents=z.clone(),
+                         output_type="pt").images  # fmt: skip
+    generate = make_generator(backbone, steps, 0.0)  # "auto" on a DDIM model
+    with torch.no_grad():
+        images = generate(z, backbone.encode_prompts([PROMPT], guidance=False), [7])
+    assert (images - expected).abs().max() < 1e-4
+    assert backbone.scheduler.config.timestep_spacing == "leading"  # the training rollout's is untouched
+
+
+def test_one_step_reno_and_best_of_n_on_the_bundled_model_generate_as_diffusers_trailing(shapes, soft):
+    # ReNO's and best-of-N's default: one step, no guidance. Their images are diffusers' trailing DDIM ones.
+    prompt = heldout_prompts(1)[0]
+    reference = trailing_pipeline(shapes.pipe)
+    first = reno(shapes, soft, prompt, iterations=1, seed=5, progress=False)
+    search = best_of_n(shapes, soft, prompt, 3, seed=5, progress=False)
+    for seed, image in ((5, first.best_image), (search.best_seed, search.best_image)):
+        z = draw_noise(shapes, [seed])
+        expected = reference(prompt, num_inference_steps=1, guidance_scale=0.0, latents=z,
+                             output_type="pt").images[0]  # fmt: skip
+        assert (image - expected).abs().max() < 1e-4
 
 
 def test_reward_improves_on_the_bundled_model_and_best_is_by_reward(shapes, soft):
