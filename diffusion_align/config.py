@@ -17,6 +17,9 @@
 * Command-line overrides ``train.lr=3e-4`` / ``rewards.0.weight=2`` are parsed as YAML values. To
   switch a variant on the command line, replace the whole node: ``'strategy={name: draft}'``.
 * A dataclass ``__post_init__`` may raise ValueError for cross-field checks; it becomes a ConfigError.
+* Numbers: a float must be finite; a field with a `Range` (``add_ranges(Class, field=Range(...))``, keyed by
+  the class's import path so it also covers classes defined elsewhere, e.g. strategy configs) must be in
+  it. The error names the key, the value and the allowed range.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import math
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -46,6 +51,66 @@ class ConfigError(UserError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).splitlines()))
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting: `low`/`high` bounds (None = unbounded), open or closed."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: low itself is not allowed
+    high_open: bool = False
+    integer: bool = False  # only for the message ("an integer >= 1")
+
+    def allows(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def describe(self) -> str:
+        what = "an integer" if self.integer else "a number"
+        low = None if self.low is None else f"{self.low:g}"
+        high = None if self.high is None else f"{self.high:g}"
+        if low is not None and high is not None:
+            return f"{what} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {low}"
+        if high is not None:
+            return f"{what} {'<' if self.high_open else '<='} {high}"
+        return f"a finite {what.split()[-1]}"
+
+
+def at_least(low: float, integer: bool = True) -> Range:
+    return Range(low, integer=integer)
+
+
+POSITIVE = Range(0, low_open=True)  # finite and > 0 (learning rates, scales)
+FRACTION = Range(0, 1, low_open=True)  # (0, 1]: shares of steps
+PROBABILITY = Range(0, 1, high_open=True)  # [0, 1): dropout, Adam betas
+
+# "module:QualName" -> {field: Range}; filled by the modules that own the settings (diffusion_align.settings)
+_RANGES: dict[str, dict[str, Range]] = {}
+
+
+def add_ranges(owner: type | str, **ranges: Range) -> None:
+    """Declare the allowed values of `owner`'s numeric fields; `owner` may be a "module:QualName" string, so
+    a class can be covered without importing it (its module is imported only when a config uses it)."""
+    key = owner if isinstance(owner, str) else f"{owner.__module__}:{owner.__qualname__}"
+    _RANGES.setdefault(key, {}).update(ranges)
+
+
+def ranges_of(cls: type) -> dict[str, Range]:
+    return _RANGES.get(f"{cls.__module__}:{cls.__qualname__}", {})
+
+
+def check_range(key: str, value: Any, allowed: Range) -> None:
+    """Raise a one-line ConfigError unless `value` (a number, or a list/tuple of numbers) is allowed."""
+    for v in value if isinstance(value, (list, tuple)) else (value,):
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v) or not allowed.allows(v):
+            raise ConfigError(f"{key}={_short(value)} is out of range: expected {allowed.describe()}")
 
 
 def _join(path: str, key: Any) -> str:
@@ -139,6 +204,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return int(number)
     elif tp is float:
         if (number := _number(value)) is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{path}={number} is not a finite number")
             return float(number)
     elif tp is str:
         if isinstance(value, str) or type(value) is int:  # `run_name=2024` on the command line
@@ -217,6 +284,9 @@ def _build(cls: type, data: Any, path: str, pick: bool = True) -> Any:
             )
             raise ConfigError(f"unknown config key '{_join(path, key)}'; {hint}")
         kwargs[key] = _coerce(value, hints[key], _join(path, key))
+    for key, allowed in ranges_of(cls).items():
+        if key in kwargs:
+            check_range(_join(path, key), kwargs[key], allowed)
     for name, f in fields.items():
         if name not in kwargs and f.default is f.default_factory is dataclasses.MISSING:  # no default
             raise ConfigError(f"missing required config key '{_join(path, name)}'")

@@ -12,8 +12,6 @@ import argparse
 import json
 from pathlib import Path
 
-from diffusion_align.errors import UserError
-
 HELP = "Optimise the initial noise of a one/few-step model against differentiable rewards (ReNO)."
 
 _EPILOG = """\
@@ -82,6 +80,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reno_out", help="output folder (default: reno_out)")
 
 
+def check_flags(args) -> None:
+    """One-line error for a numeric flag out of range, before any model is loaded."""
+    from diffusion_align.config import POSITIVE, Range, at_least, check_range
+
+    for flag, value, allowed in (
+        ("--iterations", args.iterations, at_least(1)),
+        ("--steps", args.steps, at_least(1)),
+        ("--guidance", args.guidance, Range(0)),
+        ("--lr", args.lr, POSITIVE),
+        ("--grad-clip", args.grad_clip, POSITIVE),
+        ("--reg-weight", args.reg_weight, Range(0)),
+        ("--regenerate-steps", args.regenerate_steps, at_least(1)),
+    ):
+        check_range(flag, value, allowed)
+
+
 def build_rewards(specs: list[str], reward_args: list[str], device) -> tuple[dict, dict[str, float]]:
     """--reward/--reward-arg -> ({name: reward}, {name: weight}); a bare NAME gets ReNO's default weight."""
     import rewards
@@ -114,17 +128,18 @@ def run(args) -> int:
 
     from diffusion_align.images import save_grid, save_images
     from diffusion_align.reno import reno, require_differentiable
+    from diffusion_align.settings import check_num_steps
 
-    if args.iterations < 1:
-        raise UserError("--iterations must be at least 1")
-    if args.steps < 1:
-        raise UserError("--steps must be at least 1")
+    check_flags(args)
     backbone = _load(args.model, args)
+    check_num_steps(args.steps, backbone.scheduler, "--steps")
     rewards, weights = build_rewards(args.reward, args.reward_arg, backbone.device)
     require_differentiable(rewards)  # before any generation
     if args.gradient_checkpointing:
         backbone.enable_memory_options(gradient_checkpointing=True)
     regen = _load(args.regenerate_model, args) if args.regenerate_model else None
+    if args.regenerate_steps is not None:
+        check_num_steps(args.regenerate_steps, (regen or backbone).scheduler, "--regenerate-steps")
     common = dict(
         num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler,
         negative_prompt=args.negative_prompt,

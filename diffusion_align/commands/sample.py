@@ -105,8 +105,10 @@ def run(args) -> int:
     from diffusion_align.registry import build_backbone, build_sampler
     from diffusion_align.rollout import rollout
 
+    if args.num_per_prompt < 1:
+        raise UserError(f"--num-per-prompt={args.num_per_prompt} is out of range: expected an integer >= 1")
     config = _config(args)
-    prompts = [p for p in _prompts(args, config) for _ in range(max(1, args.num_per_prompt))]
+    prompts = [p for p in _prompts(args, config) for _ in range(args.num_per_prompt)]
     s = config.sample
     backbone = build_backbone(config.model)
     if args.lora:

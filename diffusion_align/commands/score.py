@@ -93,6 +93,8 @@ def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
             w = float(weight) if sep else 1.0
         except ValueError:
             raise UserError(f"--reward {spec!r}: weight {weight!r} is not a number") from None
+        if not math.isfinite(w):
+            raise UserError(f"--reward {spec!r}: weight {weight!r} is not a finite number")
         if any(n == name for n, _ in out):
             raise UserError(f"--reward {name!r} given twice; give each reward once")
         out.append((name, w))
@@ -305,7 +307,9 @@ def run(args: argparse.Namespace) -> int:
     from rewards.io import LoadFailure, find_media, group_by_shape, load_many
 
     if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+        raise UserError(f"--batch-size={args.batch_size} is out of range: expected an integer >= 1")
+    if args.max_frames < 1:
+        raise UserError(f"--max-frames={args.max_frames} is out of range: expected an integer >= 1")
     parse_frames(args.frames)  # fail on a bad --frames before loading any model
     specs = parse_reward_specs(args.reward)
     names = [n for n, _ in specs]
