@@ -104,6 +104,7 @@ def run(args) -> int:
     from diffusion_align.images import save_grid, save_images, slug
     from diffusion_align.registry import build_backbone, build_sampler
     from diffusion_align.rollout import rollout
+    from diffusion_align.score_files import INDEX
 
     if args.num_per_prompt < 1:
         raise UserError(f"--num-per-prompt={args.num_per_prompt} is out of range: expected an integer >= 1")
@@ -145,6 +146,6 @@ def run(args) -> int:
             for n, p, seed in zip(names, batch, seeds, strict=True)
         ]
     save_grid(torch.cat(images), out / "grid.png", captions=prompts)
-    (out / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / INDEX).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} images and grid.png to {out}")
     return 0
