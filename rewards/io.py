@@ -95,31 +95,26 @@ def reduction_factor(width: int, height: int, min_side: int | None) -> int:
     return max(1, min(width, height) // min_side) if min_side else 1
 
 
-def _shrink(img, min_side: int | None):
-    """An RGB or F image reduced by `reduction_factor` with an area average (unchanged when it is 1)."""
+def reduced_size(width: int, height: int, min_side: int | None) -> tuple[int, int]:
+    """`(width, height)` divided (rounding up, as `Image.reduce`) by `reduction_factor`."""
+    factor = reduction_factor(width, height, min_side)
+    return -(-width // factor), -(-height // factor)
+
+
+def _shrink(img, size: tuple[int, int] | None):
+    """An RGB or F image area-averaged to `size` (unchanged when it has that size already or size is None)."""
     from PIL import Image
 
-    factor = reduction_factor(*img.size, min_side)
-    if factor == 1:
-        return img
-    target = (-(-img.size[0] // factor), -(-img.size[1] // factor))  # ceil, as Image.reduce
-    return img if img.size == target else img.resize(target, Image.Resampling.BOX)
+    return img if size is None or img.size == size else img.resize(size, Image.Resampling.BOX)
 
 
-def _draft(img, min_side: int | None) -> None:
-    """JPEG only: let the decoder scale by 1/2, 1/4 or 1/8 (never below the reduced size) before decoding."""
-    factor = reduction_factor(*img.size, min_side)
-    if factor > 1 and getattr(img, "format", None) == "JPEG":
-        img.draft(None, (-(-img.size[0] // factor), -(-img.size[1] // factor)))
-
-
-def _to_rgb_array(img, min_side: int | None = None) -> torch.Tensor:
-    """A PIL image in any common mode -> `(3, H, W)` float32 in [0, 1], reduced for `min_side`."""
+def _to_rgb_array(img, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A PIL image in any common mode -> `(3, H, W)` float32 in [0, 1], area-averaged to `size` (W, H)."""
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grayscale: PIL's convert("RGB") would clip at 255, so scale ourselves.
-        gray = np.asarray(_shrink(img.convert("F"), min_side), dtype=np.float32)
+        gray = np.asarray(_shrink(img.convert("F"), size), dtype=np.float32)
         gray = np.clip(gray / 65535.0, 0.0, 1.0)
         return _hwc_to_chw(np.repeat(gray[:, :, None], 3, axis=2))
     if img.mode == "F":
@@ -131,7 +126,7 @@ def _to_rgb_array(img, min_side: int | None = None) -> torch.Tensor:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    return _uint8_to_chw(np.asarray(_shrink(img.convert("RGB"), min_side)))
+    return _uint8_to_chw(np.asarray(_shrink(img.convert("RGB"), size)))
 
 
 def _uint8_to_chw(array: np.ndarray) -> torch.Tensor:
@@ -163,13 +158,17 @@ def _load_pil(path: Path, max_frames: int | None, min_side: int | None = None) -
         if n_frames > 1 and path.suffix.lower() == ".gif":
             # The iterator re-seeks one image object: convert each kept frame before moving on.
             keep = set(_even_indices(n_frames, max_frames))
-            frames = [
-                _to_rgb_array(f, min_side) for i, f in enumerate(ImageSequence.Iterator(img)) if i in keep
-            ]
+            size = reduced_size(*img.size, min_side)
+            frames = [_to_rgb_array(f, size) for i, f in enumerate(ImageSequence.Iterator(img)) if i in keep]
             return torch.stack(frames)
-        _draft(img, min_side)
+        size = reduced_size(*img.size, min_side)
+        if img.format == "JPEG" and size != img.size:
+            img.draft(None, size)  # decode at 1/2, 1/4 or 1/8 scale (never below `size`): no full decode
         img.load()  # decode now: truncated files fail here, inside the caller's error handling
-        return _to_rgb_array(ImageOps.exif_transpose(img), min_side)
+        img = ImageOps.exif_transpose(img)
+        if (img.width > img.height) != (size[0] > size[1]):  # EXIF rotated it by 90 degrees
+            size = size[::-1]
+        return _to_rgb_array(img, size)
 
 
 def _load_ffmpeg(path: Path, max_frames: int | None, min_side: int | None = None) -> torch.Tensor:
@@ -192,11 +191,8 @@ def _load_ffmpeg(path: Path, max_frames: int | None, min_side: int | None = None
 def _frame(frame: np.ndarray, min_side: int | None) -> np.ndarray:
     from PIL import Image
 
-    return (
-        frame
-        if reduction_factor(frame.shape[1], frame.shape[0], min_side) == 1
-        else (np.asarray(_shrink(Image.fromarray(frame), min_side)))
-    )
+    size = reduced_size(frame.shape[1], frame.shape[0], min_side)
+    return frame if size == frame.shape[1::-1] else np.asarray(_shrink(Image.fromarray(frame), size))
 
 
 def load_media(
