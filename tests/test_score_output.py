@@ -1,5 +1,5 @@
-"""`score` output is safe (never over an input, folders, rows kept on a kill, --resume) and memory-bounded
-(huge files decoded reduced for resize-first rewards, exact pixels otherwise); `sample` -> `score` needs no glue."""
+"""`score` output is safe (never over an input, folders, rows kept on a kill, --resume), memory-bounded (huge
+files decoded reduced for resize-first rewards, exact pixels otherwise), and reads `sample` folders as-is."""
 
 from __future__ import annotations
 
