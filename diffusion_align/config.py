@@ -17,6 +17,10 @@
 * Command-line overrides ``train.lr=3e-4`` / ``rewards.0.weight=2`` are parsed as YAML values. To
   switch a variant on the command line, replace the whole node: ``'strategy={name: draft}'``.
 * A dataclass ``__post_init__`` may raise ValueError for cross-field checks; it becomes a ConfigError.
+* Relative paths in a YAML file are relative to that file's folder: a string value (not an output path,
+  see `_OUTPUT_KEYS`) that names an existing file or folder next to the file becomes that absolute path.
+  Anything else is kept as written: a built-in name, a hub id, or a path relative to the current directory.
+  Command-line overrides and dict sources are relative to the current directory.
 * Numbers: a float must be finite; a field with a `Range` (``add_ranges(Class, field=Range(...))``, keyed by
   the class's import path so it also covers classes defined elsewhere, e.g. strategy configs) must be in
   it. The error names the key, the value and the allowed range.
@@ -346,6 +350,27 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+# Where a run writes or resumes: relative to the current directory, never to the config file.
+_OUTPUT_KEYS = frozenset({"output_dir", "checkpoint.resume"})
+
+
+def _anchor_paths(value: Any, folder: Path, path: str = "") -> Any:
+    """`value` (a YAML file's data) with relative strings that name something in `folder` made absolute."""
+    if isinstance(value, dict):
+        return {k: _anchor_paths(v, folder, _join(path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_anchor_paths(v, folder, path) for v in value]
+    if not isinstance(value, str) or not value.strip() or path in _OUTPUT_KEYS or path == "base":
+        return value
+    if ":" in value or "\n" in value or Path(value).expanduser().is_absolute():  # module:attr, URLs
+        return value
+    try:
+        candidate = folder / value
+        return str(candidate.resolve()) if candidate.exists() else value
+    except (OSError, ValueError):  # not a usable path at all (too long, NUL)
+        return value
+
+
 def _resolve_base(data: dict, folder: Path, chain: tuple[Path, ...]) -> dict:
     if "base" not in data:
         return data
@@ -377,7 +402,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return _resolve_base(data, path.parent, (*chain, path.resolve()))
+    return _resolve_base(_anchor_paths(data, path.parent), path.parent, (*chain, path.resolve()))
 
 
 def load_config(source: str | Path | dict, overrides: list[str] = (), cls: type | None = None) -> Any:

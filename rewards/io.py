@@ -126,7 +126,7 @@ def _to_rgb_array(img, size: tuple[int, int] | None = None) -> torch.Tensor:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    return _uint8_to_chw(np.asarray(_shrink(img.convert("RGB"), size)))
+    return _uint8_to_chw(np.asarray(_shrink(img if img.mode == "RGB" else img.convert("RGB"), size)))
 
 
 def _uint8_to_chw(array: np.ndarray) -> torch.Tensor:
@@ -165,7 +165,8 @@ def _load_pil(path: Path, max_frames: int | None, min_side: int | None = None) -
         if img.format == "JPEG" and size != img.size:
             img.draft(None, size)  # decode at 1/2, 1/4 or 1/8 scale (never below `size`): no full decode
         img.load()  # decode now: truncated files fail here, inside the caller's error handling
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation; exif_transpose copies even when upright
+            img = ImageOps.exif_transpose(img)
         if (img.width > img.height) != (size[0] > size[1]):  # EXIF rotated it by 90 degrees
             size = size[::-1]
         return _to_rgb_array(img, size)
