@@ -83,13 +83,13 @@ def _prompts(args, config) -> list[str]:
     return prompts
 
 
-def _load_lora(backbone, directory: str) -> None:
-    """Through diffusers' own loader: the rank comes from the file, and it proves the format."""
+def _load_lora(backbone, directory: str, model: str) -> None:
+    """Through diffusers' own loader: the rank comes from the file, and it proves the format. Checked first:
+    a LoRA of another base model is a one-line error naming both."""
+    from diffusion_align.lora_files import check_lora_fits
+
     path = Path(directory)
-    if not (path / "pytorch_lora_weights.safetensors").is_file():
-        raise UserError(
-            f"--lora {directory}: no pytorch_lora_weights.safetensors there (pass a run's lora/ folder)"
-        )
+    check_lora_fits(path, backbone.unet, model)
     if getattr(backbone, "is_video", False):
         backbone.load_lora(str(path))  # TextToVideoSD's UNet3D has no diffusers LoRA loader
     else:
@@ -113,7 +113,7 @@ def run(args) -> int:
     s = config.sample
     backbone = build_backbone(config.model)
     if args.lora:
-        _load_lora(backbone, args.lora)
+        _load_lora(backbone, args.lora, config.model.pretrained)
     sampler = build_sampler(backbone, s)
     size = (s.height, s.width) if s.height and s.width else None
 
