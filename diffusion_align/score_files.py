@@ -41,7 +41,8 @@ def read_index(index: Path) -> list[tuple[Path, str | None]]:
 
 
 def expand_inputs(paths: list[str]):
-    """Files to score, prompts from `sample` indexes ({resolved path: prompt}) and failures (missing files).
+    """Files to score, prompts from `sample` indexes ({resolved path: prompt}), failures (missing files) and
+    the index files read.
 
     Folders are searched as `rewards.io.find_media` does, except that a folder holding an images.jsonl
     contributes exactly the files it lists.
@@ -52,6 +53,7 @@ def expand_inputs(paths: list[str]):
     prompts: dict[Path, str] = {}
     failures: list[LoadFailure] = []
     seen: set[Path] = set()
+    indexes: list[Path] = []
 
     def add(path: Path) -> None:
         if path.resolve() not in seen:
@@ -72,6 +74,7 @@ def expand_inputs(paths: list[str]):
             if not any(f.is_relative_to(folder) for folder in indexed):
                 add(f)
         for folder in indexed:
+            indexes.append(folder / INDEX)
             for path, prompt in read_index(folder / INDEX):
                 if not path.is_file():
                     failures.append(LoadFailure(path, f"listed in {folder / INDEX} but missing"))
@@ -79,7 +82,7 @@ def expand_inputs(paths: list[str]):
                 add(path)
                 if prompt is not None:
                     prompts[path.resolve()] = prompt
-    return files, prompts, failures
+    return files, prompts, failures, indexes
 
 
 def _hidden(path: Path, root: Path) -> bool:

@@ -168,6 +168,9 @@ def test_sample_folder_scores_its_images_with_their_prompts_not_the_grid(tmp_pat
     assert [Path(r["path"]).resolve() for r in rows] == [(out / r["file"]).resolve() for r in index]
     assert [r["prompt"] for r in rows] == prompts
     assert "empty prompt" not in err
+    index_text = (out / "images.jsonl").read_text()
+    rc, _ = score(capsys, out, "--reward", "jpeg_compressibility", "-o", out / "images.jsonl")
+    assert rc == 2 and (out / "images.jsonl").read_text() == index_text  # the index is an input too
     # the index also works as --prompts for the image files named directly
     files = [out / r["file"] for r in index]
     rc, err = score(capsys, *files, "--reward", "jpeg_compressibility", "--prompts", out / "images.jsonl")

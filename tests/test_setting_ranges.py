@@ -128,3 +128,12 @@ def test_score_reward_weight_must_be_finite(tmp_path, capsys):
         capsys, ["score", str(tmp_path), "--reward", "jpeg_compressibility", "--max-frames", "0"]
     )
     assert "--max-frames=0 is out of range" in err
+
+
+def test_reno_report_stays_valid_json_with_non_finite_values():
+    import json
+
+    from diffusion_align.commands.reno import _finite
+
+    text = json.dumps(_finite({"history": [{"reward": float("nan")}, {"reward": 1.5}], "best": float("inf")}))
+    assert json.loads(text) == {"history": [{"reward": None}, {"reward": 1.5}], "best": None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 HELP = "Optimise the initial noise of a one/few-step model against differentiable rewards (ReNO)."
@@ -94,6 +95,17 @@ def check_flags(args) -> None:
         ("--regenerate-steps", args.regenerate_steps, at_least(1)),
     ):
         check_range(flag, value, allowed)
+
+
+def _finite(value):
+    """`value` with non-finite floats replaced by None, so the report stays valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def build_rewards(specs: list[str], reward_args: list[str], device) -> tuple[dict, dict[str, float]]:
@@ -183,7 +195,7 @@ def run(args) -> int:
             "best_reward": bon.best_reward,
             "best_seed": bon.best_seed,
         }
-    (out / "history.json").write_text(json.dumps(report, indent=1))
+    (out / "history.json").write_text(json.dumps(_finite(report), indent=1))  # NaN is not JSON: null
     line = f"reward {result.initial_reward:.4g} -> best {result.best_reward:.4g} (it {result.best_iteration})"
     if args.best_of_n:
         line += f"; best-of-{bon.reward_calls}: {bon.best_reward:.4g}"

@@ -330,12 +330,12 @@ def run(args: argparse.Namespace) -> int:
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
 
-    files, indexed, failures = expand_inputs(args.paths)
+    files, indexed, failures, indexes = expand_inputs(args.paths)
     for f in failures:
         print(f"{f.path}: {f.reason}", file=sys.stderr)
     if not files:
         raise UserError(f"no image or video files found in {' '.join(args.paths)}")
-    read_too = [Path(p) for p in [*args.paths, args.prompts] if p and Path(p).is_file()]
+    read_too = [Path(p) for p in [*args.paths, args.prompts] if p and Path(p).is_file()] + indexes
     out_path = output_path(args.output, files, read_too)
 
     columns = ["path", "type", "prompt", *names, "total"]
