@@ -73,16 +73,17 @@ class Range:
         return self.high is None or not (value > self.high or (self.high_open and value == self.high))
 
     def describe(self) -> str:
-        what = "an integer" if self.integer else "a number"
+        """'at least 1', 'greater than 0', 'in [0, 1)', ... (what follows 'KEY=VALUE must be')."""
         low = None if self.low is None else f"{self.low:g}"
         high = None if self.high is None else f"{self.high:g}"
+        kind = "an integer " if self.integer and (low is None or high is not None) else ""
         if low is not None and high is not None:
-            return f"{what} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+            return f"{kind}in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         if low is not None:
-            return f"{what} {'>' if self.low_open else '>='} {low}"
+            return f"{'greater than' if self.low_open else 'at least'} {low}"
         if high is not None:
-            return f"{what} {'<' if self.high_open else '<='} {high}"
-        return f"a finite {what.split()[-1]}"
+            return f"{'less than' if self.high_open else 'at most'} {high}"
+        return "a finite number"
 
 
 def at_least(low: float, integer: bool = True) -> Range:
@@ -114,7 +115,7 @@ def check_range(key: str, value: Any, allowed: Range) -> None:
         if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         if not math.isfinite(v) or not allowed.allows(v):
-            raise ConfigError(f"{key}={_short(value)} is out of range: expected {allowed.describe()}")
+            raise ConfigError(f"{key}={_short(value)} must be {allowed.describe()}")
 
 
 def _join(path: str, key: Any) -> str:
@@ -209,7 +210,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     elif tp is float:
         if (number := _number(value)) is not None:
             if not math.isfinite(number):
-                raise ConfigError(f"{path}={number} is not a finite number")
+                raise ConfigError(f"{path}={number} must be a finite number")
             return float(number)
     elif tp is str:
         if isinstance(value, str) or type(value) is int:  # `run_name=2024` on the command line

@@ -193,6 +193,6 @@ def check_num_steps(num_steps: int, scheduler, key: str = "sample.num_steps") ->
     allowed = Range(1, limit, integer=True)
     if not allowed.allows(num_steps):
         raise ConfigError(
-            f"{key}={num_steps} is out of range: expected {allowed.describe()}"
+            f"{key}={num_steps} must be {allowed.describe()}"
             + (" (the scheduler's num_train_timesteps)" if limit else "")
         )

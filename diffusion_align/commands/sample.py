@@ -107,7 +107,7 @@ def run(args) -> int:
     from diffusion_align.score_files import INDEX
 
     if args.num_per_prompt < 1:
-        raise UserError(f"--num-per-prompt={args.num_per_prompt} is out of range: expected an integer >= 1")
+        raise UserError(f"--num-per-prompt={args.num_per_prompt} must be at least 1")
     config = _config(args)
     prompts = [p for p in _prompts(args, config) for _ in range(args.num_per_prompt)]
     s = config.sample

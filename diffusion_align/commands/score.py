@@ -113,7 +113,7 @@ def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
         except ValueError:
             raise UserError(f"--reward {spec!r}: weight {weight!r} is not a number") from None
         if not math.isfinite(w):
-            raise UserError(f"--reward {spec!r}: weight {weight!r} is not a finite number")
+            raise UserError(f"--reward {spec!r}: weight {weight!r} must be a finite number")
         if any(n == name for n, _ in out):
             raise UserError(f"--reward {name!r} given twice; give each reward once")
         out.append((name, w))
@@ -315,9 +315,9 @@ def run(args: argparse.Namespace) -> int:
     from rewards.io import LoadFailure, group_by_shape, iter_loaded
 
     if args.batch_size < 1:
-        raise UserError(f"--batch-size={args.batch_size} is out of range: expected an integer >= 1")
+        raise UserError(f"--batch-size={args.batch_size} must be at least 1")
     if args.max_frames < 1:
-        raise UserError(f"--max-frames={args.max_frames} is out of range: expected an integer >= 1")
+        raise UserError(f"--max-frames={args.max_frames} must be at least 1")
     if args.resume and not args.output:
         raise UserError("--resume needs -o FILE (the output of the interrupted run)")
     parse_frames(args.frames)  # fail on a bad --frames before loading any model
