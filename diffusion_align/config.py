@@ -17,6 +17,13 @@
 * Command-line overrides ``train.lr=3e-4`` / ``rewards.0.weight=2`` are parsed as YAML values. To
   switch a variant on the command line, replace the whole node: ``'strategy={name: draft}'``.
 * A dataclass ``__post_init__`` may raise ValueError for cross-field checks; it becomes a ConfigError.
+* Relative paths in a YAML file are relative to that file's folder: a string value (not an output path,
+  see `_OUTPUT_KEYS`) that names an existing file or folder next to the file becomes that absolute path.
+  Anything else is kept as written: a built-in name, a hub id, or a path relative to the current directory.
+  Command-line overrides and dict sources are relative to the current directory.
+* Numbers: a float must be finite; a field with a `Range` (``add_ranges(Class, field=Range(...))``, keyed by
+  the class's import path so it also covers classes defined elsewhere, e.g. strategy configs) must be in
+  it. The error names the key, the value and the allowed range.
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import math
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -46,6 +55,67 @@ class ConfigError(UserError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).splitlines()))
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting: `low`/`high` bounds (None = unbounded), open or closed."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: low itself is not allowed
+    high_open: bool = False
+    integer: bool = False  # only for the message ("an integer >= 1")
+
+    def allows(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
+
+    def describe(self) -> str:
+        """'at least 1', 'greater than 0', 'in [0, 1)', ... (what follows 'KEY=VALUE must be')."""
+        low = None if self.low is None else f"{self.low:g}"
+        high = None if self.high is None else f"{self.high:g}"
+        kind = "an integer " if self.integer and (low is None or high is not None) else ""
+        if low is not None and high is not None:
+            return f"{kind}in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if low is not None:
+            return f"{'greater than' if self.low_open else 'at least'} {low}"
+        if high is not None:
+            return f"{'less than' if self.high_open else 'at most'} {high}"
+        return "a finite number"
+
+
+def at_least(low: float, integer: bool = True) -> Range:
+    return Range(low, integer=integer)
+
+
+POSITIVE = Range(0, low_open=True)  # finite and > 0 (learning rates, scales)
+FRACTION = Range(0, 1, low_open=True)  # (0, 1]: shares of steps
+PROBABILITY = Range(0, 1, high_open=True)  # [0, 1): dropout, Adam betas
+
+# "module:QualName" -> {field: Range}; filled by the modules that own the settings (diffusion_align.settings)
+_RANGES: dict[str, dict[str, Range]] = {}
+
+
+def add_ranges(owner: type | str, **ranges: Range) -> None:
+    """Declare the allowed values of `owner`'s numeric fields; `owner` may be a "module:QualName" string, so
+    a class can be covered without importing it (its module is imported only when a config uses it)."""
+    key = owner if isinstance(owner, str) else f"{owner.__module__}:{owner.__qualname__}"
+    _RANGES.setdefault(key, {}).update(ranges)
+
+
+def ranges_of(cls: type) -> dict[str, Range]:
+    return _RANGES.get(f"{cls.__module__}:{cls.__qualname__}", {})
+
+
+def check_range(key: str, value: Any, allowed: Range) -> None:
+    """Raise a one-line ConfigError unless `value` (a number, or a list/tuple of numbers) is allowed."""
+    for v in value if isinstance(value, (list, tuple)) else (value,):
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not math.isfinite(v) or not allowed.allows(v):
+            raise ConfigError(f"{key}={_short(value)} must be {allowed.describe()}")
 
 
 def _join(path: str, key: Any) -> str:
@@ -139,6 +209,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return int(number)
     elif tp is float:
         if (number := _number(value)) is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{path}={number} must be a finite number")
             return float(number)
     elif tp is str:
         if isinstance(value, str) or type(value) is int:  # `run_name=2024` on the command line
@@ -217,6 +289,9 @@ def _build(cls: type, data: Any, path: str, pick: bool = True) -> Any:
             )
             raise ConfigError(f"unknown config key '{_join(path, key)}'; {hint}")
         kwargs[key] = _coerce(value, hints[key], _join(path, key))
+    for key, allowed in ranges_of(cls).items():
+        if key in kwargs:
+            check_range(_join(path, key), kwargs[key], allowed)
     for name, f in fields.items():
         if name not in kwargs and f.default is f.default_factory is dataclasses.MISSING:  # no default
             raise ConfigError(f"missing required config key '{_join(path, name)}'")
@@ -276,6 +351,27 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+# Where a run writes or resumes: relative to the current directory, never to the config file.
+_OUTPUT_KEYS = frozenset({"output_dir", "checkpoint.resume"})
+
+
+def _anchor_paths(value: Any, folder: Path, path: str = "") -> Any:
+    """`value` (a YAML file's data) with relative strings that name something in `folder` made absolute."""
+    if isinstance(value, dict):
+        return {k: _anchor_paths(v, folder, _join(path, k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_anchor_paths(v, folder, path) for v in value]
+    if not isinstance(value, str) or not value.strip() or path in _OUTPUT_KEYS or path == "base":
+        return value
+    if ":" in value or "\n" in value or Path(value).expanduser().is_absolute():  # module:attr, URLs
+        return value
+    try:
+        candidate = folder / value
+        return str(candidate.resolve()) if candidate.exists() else value
+    except (OSError, ValueError):  # not a usable path at all (too long, NUL)
+        return value
+
+
 def _resolve_base(data: dict, folder: Path, chain: tuple[Path, ...]) -> dict:
     if "base" not in data:
         return data
@@ -307,7 +403,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return _resolve_base(data, path.parent, (*chain, path.resolve()))
+    return _resolve_base(_anchor_paths(data, path.parent), path.parent, (*chain, path.resolve()))
 
 
 def load_config(source: str | Path | dict, overrides: list[str] = (), cls: type | None = None) -> Any:

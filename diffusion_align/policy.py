@@ -96,15 +96,19 @@ class Policy:
         )
         return directory
 
-    def load_lora(self, directory: str | Path) -> None:
-        """Load weights saved by `save_lora` into this policy's adapter (used for resume and evaluation)."""
+    def load_lora(self, directory: str | Path, model: str | None = None) -> None:
+        """Load weights saved by `save_lora` into this policy's adapter (used for resume and evaluation).
+        `model` (the base model id) is compared with the one recorded beside the LoRA, if any."""
         from diffusers.utils import convert_unet_state_dict_to_peft
+
+        from diffusion_align.lora_files import check_lora_fits
 
         directory = Path(directory)
         if not (directory / "pytorch_lora_weights.safetensors").is_file():
             raise UserError(
                 f"no LoRA at {directory}: expected {directory / 'pytorch_lora_weights.safetensors'}"
             )
+        check_lora_fits(directory, self.backbone.unet, model, flag="LoRA")
         state, _ = type(self.backbone.pipe).lora_state_dict(str(directory))
         state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
         result = set_peft_model_state_dict(

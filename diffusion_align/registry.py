@@ -8,7 +8,13 @@ from diffusion_align.backbones import load_backbone
 from diffusion_align.errors import UserError
 from diffusion_align.policy import Policy
 from diffusion_align.samplers import DDIMSampler
-from diffusion_align.settings import LoraSettings, ModelSettings, RewardSettings, SampleSettings
+from diffusion_align.settings import (
+    LoraSettings,
+    ModelSettings,
+    RewardSettings,
+    SampleSettings,
+    check_num_steps,
+)
 
 
 def build_backbone(model: ModelSettings):
@@ -33,6 +39,7 @@ def build_backbone(model: ModelSettings):
 
 
 def build_sampler(backbone, sample: SampleSettings) -> DDIMSampler:
+    check_num_steps(sample.num_steps, backbone.scheduler)
     return DDIMSampler.from_scheduler(backbone.scheduler, eta=sample.eta)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
+from diffusion_align.config import FRACTION, POSITIVE, PROBABILITY, ConfigError, Range, add_ranges, at_least
 from diffusion_align.policy import DEFAULT_TARGET_MODULES
 from diffusion_align.strategies import STRATEGY_CONFIGS
 
@@ -129,3 +130,69 @@ class Config:
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     output_dir: str = "runs/default"  # run folder: config.yaml, checkpoints/, logs/, samples/, lora/
+
+
+# Allowed values, checked when a config is read (every float must also be finite). Strategy configs are named
+# by import path so they are checked without importing every strategy here.
+NON_NEGATIVE = Range(0)
+add_ranges(ModelSettings, num_frames=at_least(1), grad_decode_frames=at_least(1))
+add_ranges(
+    SampleSettings,
+    num_steps=at_least(1),  # the upper bound (the scheduler's num_train_timesteps) is checked at build time
+    eta=Range(0, 1),  # DDIM's eta: 0 deterministic, 1 DDPM-like; above 1 the DDIM mean's sqrt goes negative
+    guidance_scale=NON_NEGATIVE,
+    height=at_least(8),
+    width=at_least(8),
+    batch_size=at_least(1),
+    seed=at_least(0),
+)
+add_ranges(LoraSettings, rank=at_least(1), alpha=POSITIVE, dropout=PROBABILITY)
+add_ranges(RewardSettings, weight=Range())  # any sign, finite
+add_ranges(PromptSettings, eval_count=at_least(1), eval_images_per_prompt=at_least(1))
+add_ranges(
+    TrainSettings,
+    epochs=at_least(1),
+    samples_per_epoch=at_least(1),
+    batch_size=at_least(1),
+    micro_batch_size=at_least(1),
+    learning_rate=POSITIVE,
+    adam_betas=PROBABILITY,
+    adam_weight_decay=NON_NEGATIVE,
+    adam_epsilon=POSITIVE,
+    max_grad_norm=POSITIVE,
+    lr_warmup_steps=at_least(0),
+    seed=at_least(0),
+)
+add_ranges(CheckpointSettings, every=at_least(1), keep_last=at_least(1))
+add_ranges(LoggingSettings, log_every=at_least(1), eval_every=at_least(0))
+_STRATEGY_RANGES = {
+    "ddpo": dict(
+        clip_range=POSITIVE, adv_clip_max=POSITIVE, num_inner_epochs=at_least(1), timestep_fraction=FRACTION,
+        timestep_window=FRACTION, group_size=at_least(1), stat_buffer_size=at_least(1),
+        stat_min_count=at_least(0), beta=NON_NEGATIVE,
+    ),
+    "d3po": dict(beta=POSITIVE, eps=NON_NEGATIVE, num_inner_epochs=at_least(1), timestep_fraction=FRACTION),
+    "prdp": dict(
+        group_size=at_least(2), beta=POSITIVE, eps=POSITIVE, refresh_every=at_least(1),
+        timestep_window=FRACTION, num_inner_epochs=at_least(1),
+    ),
+    "alignprop": dict(
+        truncation_std=NON_NEGATIVE, truncation_low=at_least(0), truncation_high=at_least(1),
+        truncation_fixed=at_least(0), loss_scale=Range(),
+    ),
+    "draft": dict(k=at_least(0), lv_draws=at_least(0), loss_scale=Range()),
+}  # fmt: skip
+for _name, _ranges in _STRATEGY_RANGES.items():
+    add_ranges(STRATEGY_CONFIGS[_name], **_ranges)
+
+
+def check_num_steps(num_steps: int, scheduler, key: str = "sample.num_steps") -> None:
+    """One-line error unless 1 <= num_steps <= the scheduler's training timesteps (known only once the
+    model is loaded, hence not a config-time check)."""
+    limit = int(getattr(scheduler.config, "num_train_timesteps", 0) or 0) or None
+    allowed = Range(1, limit, integer=True)
+    if not allowed.allows(num_steps):
+        raise ConfigError(
+            f"{key}={num_steps} must be {allowed.describe()}"
+            + (" (the scheduler's num_train_timesteps)" if limit else "")
+        )

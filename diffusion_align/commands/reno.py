@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
-
-from diffusion_align.errors import UserError
 
 HELP = "Optimise the initial noise of a one/few-step model against differentiable rewards (ReNO)."
 
@@ -82,6 +81,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reno_out", help="output folder (default: reno_out)")
 
 
+def check_flags(args) -> None:
+    """One-line error for a numeric flag out of range, before any model is loaded."""
+    from diffusion_align.config import POSITIVE, Range, at_least, check_range
+
+    for flag, value, allowed in (
+        ("--iterations", args.iterations, at_least(1)),
+        ("--steps", args.steps, at_least(1)),
+        ("--guidance", args.guidance, Range(0)),
+        ("--lr", args.lr, POSITIVE),
+        ("--grad-clip", args.grad_clip, POSITIVE),
+        ("--reg-weight", args.reg_weight, Range(0)),
+        ("--regenerate-steps", args.regenerate_steps, at_least(1)),
+    ):
+        check_range(flag, value, allowed)
+
+
+def _finite(value):
+    """`value` with non-finite floats replaced by None, so the report stays valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def build_rewards(specs: list[str], reward_args: list[str], device) -> tuple[dict, dict[str, float]]:
     """--reward/--reward-arg -> ({name: reward}, {name: weight}); a bare NAME gets ReNO's default weight."""
     import rewards
@@ -114,17 +140,18 @@ def run(args) -> int:
 
     from diffusion_align.images import save_grid, save_images
     from diffusion_align.reno import reno, require_differentiable
+    from diffusion_align.settings import check_num_steps
 
-    if args.iterations < 1:
-        raise UserError("--iterations must be at least 1")
-    if args.steps < 1:
-        raise UserError("--steps must be at least 1")
+    check_flags(args)
     backbone = _load(args.model, args)
+    check_num_steps(args.steps, backbone.scheduler, "--steps")
     rewards, weights = build_rewards(args.reward, args.reward_arg, backbone.device)
     require_differentiable(rewards)  # before any generation
     if args.gradient_checkpointing:
         backbone.enable_memory_options(gradient_checkpointing=True)
     regen = _load(args.regenerate_model, args) if args.regenerate_model else None
+    if args.regenerate_steps is not None:
+        check_num_steps(args.regenerate_steps, (regen or backbone).scheduler, "--regenerate-steps")
     common = dict(
         num_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler,
         negative_prompt=args.negative_prompt,
@@ -168,7 +195,7 @@ def run(args) -> int:
             "best_reward": bon.best_reward,
             "best_seed": bon.best_seed,
         }
-    (out / "history.json").write_text(json.dumps(report, indent=1))
+    (out / "history.json").write_text(json.dumps(_finite(report), indent=1))  # NaN is not JSON: null
     line = f"reward {result.initial_reward:.4g} -> best {result.best_reward:.4g} (it {result.best_iteration})"
     if args.best_of_n:
         line += f"; best-of-{bon.reward_calls}: {bon.best_reward:.4g}"

@@ -83,13 +83,13 @@ def _prompts(args, config) -> list[str]:
     return prompts
 
 
-def _load_lora(backbone, directory: str) -> None:
-    """Through diffusers' own loader: the rank comes from the file, and it proves the format."""
+def _load_lora(backbone, directory: str, model: str) -> None:
+    """Through diffusers' own loader: the rank comes from the file, and it proves the format. Checked first:
+    a LoRA of another base model is a one-line error naming both."""
+    from diffusion_align.lora_files import check_lora_fits
+
     path = Path(directory)
-    if not (path / "pytorch_lora_weights.safetensors").is_file():
-        raise UserError(
-            f"--lora {directory}: no pytorch_lora_weights.safetensors there (pass a run's lora/ folder)"
-        )
+    check_lora_fits(path, backbone.unet, model)
     if getattr(backbone, "is_video", False):
         backbone.load_lora(str(path))  # TextToVideoSD's UNet3D has no diffusers LoRA loader
     else:
@@ -104,13 +104,16 @@ def run(args) -> int:
     from diffusion_align.images import save_grid, save_images, slug
     from diffusion_align.registry import build_backbone, build_sampler
     from diffusion_align.rollout import rollout
+    from diffusion_align.score_files import INDEX
 
+    if args.num_per_prompt < 1:
+        raise UserError(f"--num-per-prompt={args.num_per_prompt} must be at least 1")
     config = _config(args)
-    prompts = [p for p in _prompts(args, config) for _ in range(max(1, args.num_per_prompt))]
+    prompts = [p for p in _prompts(args, config) for _ in range(args.num_per_prompt)]
     s = config.sample
     backbone = build_backbone(config.model)
     if args.lora:
-        _load_lora(backbone, args.lora)
+        _load_lora(backbone, args.lora, config.model.pretrained)
     sampler = build_sampler(backbone, s)
     size = (s.height, s.width) if s.height and s.width else None
 
@@ -143,6 +146,6 @@ def run(args) -> int:
             for n, p, seed in zip(names, batch, seeds, strict=True)
         ]
     save_grid(torch.cat(images), out / "grid.png", captions=prompts)
-    (out / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / INDEX).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} images and grid.png to {out}")
     return 0

@@ -7,10 +7,8 @@ reported by path and skipped; the exit status is 1 when any file failed.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -19,17 +17,30 @@ from diffusion_align.errors import UserError
 HELP = "Score image/video files and folders with one or more rewards; write one row per file."
 
 _EPILOG = """\
+`sample` output folders: a folder holding images.jsonl (what `sample` writes) contributes exactly the
+files it lists, with their prompts; nothing else under it is scored (not grid.png).
+
 prompts, per file, first match wins:
   1. its entry in --prompts FILE (lines "NAME<TAB>prompt", or JSONL rows {"file": NAME, "prompt": ...};
-     NAME may be the path as given, the file name or the file name without extension)
-  2. a sidecar text file next to it with the same stem (cat.png -> cat.txt)
-  3. --prompt TEXT
-  4. the empty prompt (a warning says how many files got it)
+     NAME may be the path as given, the file name, the file name without extension, or a path relative
+     to the prompts file's folder, so `--prompts OUT/images.jsonl` works)
+  2. its row in the images.jsonl of a `sample` folder it was found through
+  3. a sidecar text file next to it with the same stem (cat.png -> cat.txt)
+  4. --prompt TEXT
+  5. the empty prompt (a warning says how many files got it)
 
-batching: files are loaded a few batches at a time and grouped by exact pixel shape (no resizing, so
-size-sensitive rewards such as jpeg_compressibility see the stored pixels); a batch holds files of one
-shape. Videos (mp4, mov, webm, mkv, avi; gif with more than one frame) are scored frame-wise with the
-image reward lifted by rewards.per_frame (--frames) and --max-frames evenly spaced frames at most.
+output: -o FILE (.jsonl, or .csv) or -o FOLDER/ (writes FOLDER/scores.jsonl); never one of the inputs.
+Each row is written and flushed as soon as its file is scored, so an interrupted run keeps what it
+scored; --resume keeps the rows already in the output and scores only the files missing from it.
+
+memory and batching: files are loaded a few at a time (at most 4 batches and about 64M pixel values per
+chunk) and grouped by exact pixel shape. When every reward resizes to a known side first (CLIP-type
+rewards: `image_size`), a file whose shorter side is at least 8x that side is decoded reduced by an
+integer factor (area average; JPEG decodes at 1/2-1/8 scale) keeping the shorter side >= 4x the
+reward's; smaller files are scored from their stored pixels exactly. Size-sensitive rewards such as
+jpeg_compressibility always see the stored pixels. Videos (mp4, mov, webm, mkv, avi; gif with more than
+one frame) are scored frame-wise with the image reward lifted by rewards.per_frame (--frames) and
+--max-frames evenly spaced frames at most.
 
 examples:
   diffusion-align score out/ --reward jpeg_compressibility -o scores.jsonl
@@ -59,7 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="prompt for files without a --prompts entry or sidecar .txt")
     parser.add_argument("--prompts", metavar="FILE", help="per-file prompts (see below)")
     parser.add_argument(
-        "-o", "--output", metavar="FILE", help="rows as .jsonl or .csv (default: JSONL on stdout)"
+        "-o",
+        "--output",
+        metavar="FILE|DIR/",
+        help="rows as .jsonl or .csv, or a folder (gets scores.jsonl); default: JSONL on stdout",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in -o and score only the files not in it (after an interrupted run)",
     )
     parser.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)"
@@ -93,6 +112,8 @@ def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
             w = float(weight) if sep else 1.0
         except ValueError:
             raise UserError(f"--reward {spec!r}: weight {weight!r} is not a number") from None
+        if not math.isfinite(w):
+            raise UserError(f"--reward {spec!r}: weight {weight!r} must be a finite number")
         if any(n == name for n, _ in out):
             raise UserError(f"--reward {name!r} given twice; give each reward once")
         out.append((name, w))
@@ -146,6 +167,7 @@ def read_prompt_file(path: str) -> dict[str, str]:
             try:
                 row = json.loads(line)
                 table[str(row["file"])] = str(row["prompt"])
+                table[str((p.parent / str(row["file"])).resolve())] = str(row["prompt"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise UserError(
                     f'--prompts {path}:{n}: expected a JSON object with "file" and "prompt"'
@@ -158,11 +180,15 @@ def read_prompt_file(path: str) -> dict[str, str]:
     return table
 
 
-def resolve_prompt(path: Path, table: dict[str, str], default: str | None) -> str | None:
+def resolve_prompt(
+    path: Path, table: dict[str, str], default: str | None, indexed: dict[Path, str] | None = None
+) -> str | None:
     """The prompt for `path` in the documented order; None when there is none."""
-    for key in (str(path), path.name, path.stem):
+    for key in (str(path), path.name, path.stem, str(path.resolve())):
         if key in table:
             return table[key]
+    if indexed and path.resolve() in indexed:
+        return indexed[path.resolve()]
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file() and sidecar != path:
         return sidecar.read_text(encoding="utf-8").strip()
@@ -171,43 +197,6 @@ def resolve_prompt(path: Path, table: dict[str, str], default: str | None) -> st
 
 # ---------------------------------------------------------------------------------------------------
 # Output
-
-
-class RowWriter:
-    """Writes complete rows as they come; to a file, via `<file>.partial` renamed at the end.
-
-    A crash leaves only whole rows in the .partial file and never a half-written final file.
-    """
-
-    def __init__(self, output: str | None, columns: list[str]):
-        self.columns = columns
-        self.path = Path(output) if output else None
-        self.csv = self.path is not None and self.path.suffix.lower() == ".csv"
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = self.path.with_name(self.path.name + ".partial")
-            self.stream = open(self.tmp, "w", encoding="utf-8", newline="")
-        else:
-            self.stream = sys.stdout
-        if self.csv:
-            self.writer = csv.DictWriter(self.stream, fieldnames=columns)
-            self.writer.writeheader()
-
-    def write(self, row: dict) -> None:
-        if self.csv:
-            self.writer.writerow(row)
-        else:
-            self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.stream.flush()
-
-    def close(self, complete: bool) -> None:
-        """Finish the file; an interrupted run keeps its whole rows in `<file>.partial` instead."""
-        if self.path is not None:
-            self.stream.close()
-            if complete:
-                os.replace(self.tmp, self.path)
-            else:
-                print(f"run interrupted: rows so far are in {self.tmp}", file=sys.stderr)
 
 
 def summary_table(columns: list[str], values: dict[str, list[float]], weights: dict[str, float]) -> str:
@@ -247,6 +236,26 @@ def lift_to_video(reward, spec: str, generator):
 
 # ---------------------------------------------------------------------------------------------------
 # Scoring
+
+
+# A reward exposing `image_size` (on itself or its `towers`) resizes its input to that side first (CLIP-type
+# preprocessing); files far larger than that can be decoded reduced without changing what it sees in practice.
+DECODE_MARGIN = 4  # decode keeping the shorter side >= 4x the reward's input side
+MAX_CHUNK_VALUES = 64 * 2**20  # pixel values (float32: 256 MB) loaded at once, past the first file
+
+
+def input_side(reward) -> int | None:
+    for owner in (reward, getattr(reward, "towers", None)):
+        size = getattr(owner, "image_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+    return None
+
+
+def decode_side(rewards: list) -> int | None:
+    """The shorter side files may be reduced to for all `rewards`; None when one needs the stored pixels."""
+    sides = [input_side(r) for r in rewards]
+    return DECODE_MARGIN * max(sides) if sides and all(sides) else None
 
 
 def _score_all(scorers: dict, pixels, prompts: list[str], weights: dict[str, float]) -> list[dict]:
@@ -301,11 +310,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import rewards
+    from diffusion_align.score_files import RowWriter, expand_inputs, output_path
     from diffusion_align.zoo import resolve_reward_args
-    from rewards.io import LoadFailure, find_media, group_by_shape, load_many
+    from rewards.io import LoadFailure, group_by_shape, iter_loaded
 
     if args.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
+        raise UserError(f"--batch-size={args.batch_size} must be at least 1")
+    if args.max_frames < 1:
+        raise UserError(f"--max-frames={args.max_frames} must be at least 1")
+    if args.resume and not args.output:
+        raise UserError("--resume needs -o FILE (the output of the interrupted run)")
     parse_frames(args.frames)  # fail on a bad --frames before loading any model
     specs = parse_reward_specs(args.reward)
     names = [n for n, _ in specs]
@@ -316,29 +330,36 @@ def run(args: argparse.Namespace) -> int:
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
 
-    files, failures = find_media(args.paths)
+    files, indexed, failures, indexes = expand_inputs(args.paths)
     for f in failures:
         print(f"{f.path}: {f.reason}", file=sys.stderr)
     if not files:
         raise UserError(f"no image or video files found in {' '.join(args.paths)}")
+    read_too = [Path(p) for p in [*args.paths, args.prompts] if p and Path(p).is_file()] + indexes
+    out_path = output_path(args.output, files, read_too)
+
+    columns = ["path", "type", "prompt", *names, "total"]
+    writer = RowWriter(out_path, columns, resume=args.resume)
+    values: dict[str, list[float]] = {c: [float(r[c]) for r in writer.done] for c in [*names, "total"]}
+    if writer.done:
+        done = writer.scored_paths()
+        files = [f for f in files if f.resolve() not in done]
+        print(f"--resume: {len(writer.done)} row(s) kept, {len(files)} file(s) to score", file=sys.stderr)
 
     image_rewards = {n: rewards.build(n, **resolve_reward_args(reward_args[n])).to(device) for n in names}
     video_rewards: dict = {}  # built on first video: the per-frame lifting of each image reward
     gen = torch.Generator().manual_seed(args.seed)
-
-    columns = ["path", "type", "prompt", *names, "total"]
-    writer = RowWriter(args.output, columns)
-    values: dict[str, list[float]] = {c: [] for c in [*names, "total"]}
+    side = decode_side(list(image_rewards.values()))
     n_unprompted = 0
-    chunk = 4 * args.batch_size  # look ahead a few batches so same-shape files share a batch
     complete = False
     try:
         with tqdm(total=len(files), unit="file", desc="scoring", disable=None, file=sys.stderr) as bar:
-            for start in range(0, len(files), chunk):
-                media, bad = load_many(files[start : start + chunk], max_frames=args.max_frames)
+            # a few batches per chunk so same-shape files share a batch; few pixels alive at once
+            chunks = iter_loaded(files, 4 * args.batch_size, MAX_CHUNK_VALUES, args.max_frames, side)
+            for media, bad, consumed in chunks:
                 prompts = []
                 for m in media:
-                    p = resolve_prompt(m.path, table, args.prompt)
+                    p = resolve_prompt(m.path, table, args.prompt, indexed)
                     n_unprompted += p is None
                     prompts.append(p or "")
                 rows: dict[int, dict] = {}
@@ -349,8 +370,14 @@ def run(args: argparse.Namespace) -> int:
                             {n: lift_to_video(r, args.frames, gen) for n, r in image_rewards.items()}
                         )
                     scorers = video_rewards if is_video else image_rewards
-                    pixels = torch.stack([media[i].pixels for i in batch]).to(device)
+                    # one file: a view, not a copy (a huge image is not held twice)
+                    pixels = (
+                        media[batch[0]].pixels[None]
+                        if len(batch) == 1
+                        else torch.stack([media[i].pixels for i in batch])
+                    ).to(device)
                     scored = score_batch(scorers, pixels, [prompts[i] for i in batch], weights)
+                    del pixels
                     for i, result in zip(batch, scored, strict=True):
                         if isinstance(result, str):
                             bad.append(LoadFailure(media[i].path, result))
@@ -362,17 +389,23 @@ def run(args: argparse.Namespace) -> int:
                                 "prompt": prompts[i],
                                 **result,
                             }
+                            writer.write(rows[i])  # as soon as it is scored
                 for i in sorted(rows):
-                    writer.write(rows[i])
                     for c in values:
                         values[c].append(rows[i][c])
                 for f in bad:
                     tqdm.write(f"{f.path}: {f.reason}", file=sys.stderr)  # keeps the bar intact
                 failures += bad
-                bar.update(len(files[start : start + chunk]))
+                del media
+                bar.update(consumed)
         complete = True
     finally:
-        writer.close(complete)
+        writer.close()
+        if not complete and out_path is not None:
+            print(
+                f"interrupted: rows scored so far are in {out_path}; rerun with --resume to score the rest",
+                file=sys.stderr,
+            )
 
     out = sys.stdout if args.output else sys.stderr
     if n_unprompted:
@@ -382,8 +415,8 @@ def run(args: argparse.Namespace) -> int:
         )
     print(summary_table([*names, "total"], values, weights), file=out)
     n_ok = len(values["total"])
-    if args.output:
-        print(f"wrote {n_ok} row(s) to {args.output}", file=out)
+    if out_path is not None:
+        print(f"wrote {n_ok} row(s) to {out_path}", file=out)
     if failures:
         print(f"{len(failures)} of {n_ok + len(failures)} file(s) failed (listed above)", file=sys.stderr)
         return 1
