@@ -17,6 +17,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor
 
 from diffusion_align.errors import UserError
+from diffusion_align.lora_files import check_lora_fits, record_base
 from diffusion_align.samplers import gaussian_log_prob
 
 # Attention projections, as in the diffusers LoRA training scripts and DDPO.
@@ -84,8 +85,11 @@ class Policy:
         state = get_peft_model_state_dict(self.backbone.unet, adapter_name=ADAPTER)
         return convert_state_dict_to_diffusers(state)
 
-    def save_lora(self, directory: str | Path, is_main_process: bool = True) -> Path:
-        """Write `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(directory)`)."""
+    def save_lora(
+        self, directory: str | Path, is_main_process: bool = True, base_model: str | None = None
+    ) -> Path:
+        """Write `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(directory)`), and
+        `base_model.json` naming `base_model` so that loading onto another model fails clearly."""
         directory = Path(directory)
         type(self.backbone.pipe).save_lora_weights(
             directory,
@@ -94,14 +98,14 @@ class Policy:
             safe_serialization=True,
             unet_lora_adapter_metadata=self.lora_config.to_dict(),
         )
+        if base_model is not None and is_main_process:
+            record_base(directory, base_model)
         return directory
 
     def load_lora(self, directory: str | Path, model: str | None = None) -> None:
         """Load weights saved by `save_lora` into this policy's adapter (used for resume and evaluation).
         `model` (the base model id) is compared with the one recorded beside the LoRA, if any."""
         from diffusers.utils import convert_unet_state_dict_to_peft
-
-        from diffusion_align.lora_files import check_lora_fits
 
         directory = Path(directory)
         if not (directory / "pytorch_lora_weights.safetensors").is_file():

@@ -440,7 +440,7 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, seconds: float) -> Path:
         def write_shared(folder: Path) -> None:
-            self.policy.save_lora(folder / "lora")
+            self.policy.save_lora(folder / "lora", base_model=self.config.model.pretrained)
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
             torch.save(self.reward_fn.state_dict(), folder / "reward.pt")
@@ -469,7 +469,7 @@ class Trainer:
 
     def _load(self, folder: Path) -> None:
         state = json.loads((folder / checkpointing.COMPLETE_MARKER).read_text())
-        self.policy.load_lora(folder / "lora")
+        self.policy.load_lora(folder / "lora", self.config.model.pretrained)
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
         self.reward_fn.load_state_dict(torch.load(folder / "reward.pt", weights_only=True))
@@ -504,7 +504,7 @@ class Trainer:
             "lora_max_rank_difference": rank_diff,  # 0 when every process ended with the same weights
         }
         if self.is_main:
-            self.policy.save_lora(self.run_dir / "lora")
+            self.policy.save_lora(self.run_dir / "lora", base_model=self.config.model.pretrained)
             summary["lora_dir"] = str(self.run_dir / "lora")
             self.plot_reward_curve(self.run_dir / "reward_curve.png")
             if self.config.checkpoint.export_merged:

@@ -253,6 +253,7 @@ def iter_loaded(
         failures += bad
         consumed += 1
         values += sum(m.pixels.numel() for m in more)
+        del more  # the chunk list holds it; a second reference would outlive the caller's `del`
         if consumed >= max_files or values >= max_values:
             yield loaded, failures, consumed
             loaded, failures, values, consumed = [], [], 0, 0

@@ -67,3 +67,15 @@ def test_policy_load_lora_of_another_model_is_a_user_error(tiny_lora):
         policy.load_lora(tiny_lora)
     with pytest.raises(UserError, match="does not fit shapes"):
         check_lora_fits(tiny_lora, policy.backbone.unet, "shapes")
+
+
+def test_save_lora_records_the_base_model_it_was_given(tmp_path):
+    from diffusion_align.backbones import StableDiffusionBackbone
+    from diffusion_align.policy import Policy
+    from diffusion_align.testing import tiny_sd
+
+    policy = Policy(StableDiffusionBackbone(tiny_sd()), None)
+    saved = policy.save_lora(tmp_path / "lora", base_model="tiny-sd")
+    assert json.loads((saved / BASE_FILE).read_text()) == {"pretrained": "tiny-sd"}
+    with pytest.raises(UserError, match="not on other-org/model"):
+        policy.load_lora(saved, "other-org/model")

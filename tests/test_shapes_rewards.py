@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from rewards.errors import RewardError
 
 from diffusion_align.zoo import shapes_data as data
 from rewards import shapes
+from rewards.errors import RewardError
 
 REWARDS = [
     shapes.ShapesColorReward,

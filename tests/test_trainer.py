@@ -211,7 +211,14 @@ def test_run_writes_everything_and_lora_loads_in_diffusers(tmp_path, toy):
         checkpointing.resolve_resume(str(root / ".tmp-checkpoint-000004"), root)
     state = json.loads((root / "checkpoint-000003" / checkpointing.COMPLETE_MARKER).read_text())
     assert state["epoch"] == 3 and state["global_step"] == 6
-    for name in ("optimizer.pt", "scheduler.pt", "reward.pt", "rng_rank0.pt", f"lora/{LORA}"):
+    for name in (
+        "optimizer.pt",
+        "scheduler.pt",
+        "reward.pt",
+        "rng_rank0.pt",
+        f"lora/{LORA}",
+        "lora/base_model.json",
+    ):
         assert (root / "checkpoint-000003" / name).is_file(), name
     # The saved LoRA loads with diffusers' own loader and changes the model's output.
     pipe = tiny_sd()
@@ -235,7 +242,7 @@ def test_eval_images_per_prompt_is_each_prompt_listed_that_many_times(tmp_path, 
     prompts.write_text("a red circle\na blue square\n")
     repeated = tmp_path / "p3.txt"
     repeated.write_text("a red circle\n" * 3 + "a blue square\n" * 3)
-    extra = {"train.epochs": 0, "prompts.eval_count": 2}
+    extra = {"train.epochs": 1, "prompts.eval_count": 2, "logging.eval_every": 0}
     k = train(
         tiny_config(tmp_path / "k", **extra, **{"prompts.eval": prompts, "prompts.eval_images_per_prompt": 3})
     )

@@ -26,7 +26,10 @@ examples:
 
 Reward weights default to ReNO's (hpsv2 5, imagereward 1, clip 0.01, pickscore 0.05; others 1).
 --scheduler auto uses the model's own scheduler (SD-Turbo: Euler ancestral, trailing spacing); DDIM-type
-schedulers go through the project's DDIM rollout. Bundled model names work as reward paths (shapes-clip).
+schedulers (SD 1.x/2.x, shapes) go through the project's DDIM rollout with trailing spacing (1 step =
+t 999); native keeps the model's shipped spacing. Models not distilled for few steps give blurry images at
+1-2 steps. Bundled model names work as reward paths (shapes-clip). A reward given as module:attr imports
+and runs that code: a config or flag is code.
 """
 
 

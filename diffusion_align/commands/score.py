@@ -58,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="NAME[=WEIGHT]",
-        help="a reward from rewards.REWARDS or package.module:Class; repeat for several (weight default 1)",
+        help=(
+            "a reward from rewards.REWARDS or package.module:Class (imports and runs that code); "
+            "repeat for several (weight default 1)"
+        ),
     )
     parser.add_argument(
         "--reward-arg",
@@ -357,11 +360,10 @@ def run(args: argparse.Namespace) -> int:
             # a few batches per chunk so same-shape files share a batch; few pixels alive at once
             chunks = iter_loaded(files, 4 * args.batch_size, MAX_CHUNK_VALUES, args.max_frames, side)
             for media, bad, consumed in chunks:
-                prompts = []
-                for m in media:
-                    p = resolve_prompt(m.path, table, args.prompt, indexed)
-                    n_unprompted += p is None
-                    prompts.append(p or "")
+                # a comprehension: no loop variable keeps a file's pixels alive into the next chunk
+                found = [resolve_prompt(m.path, table, args.prompt, indexed) for m in media]
+                n_unprompted += sum(p is None for p in found)
+                prompts = [p or "" for p in found]
                 rows: dict[int, dict] = {}
                 for batch in group_by_shape(media, args.batch_size):
                     is_video = media[batch[0]].is_video
