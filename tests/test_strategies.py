@@ -288,7 +288,7 @@ def test_d3po_human_labels_regenerate_the_pair_exactly(tmp_path, policy):
 @pytest.fixture(scope="module")
 def prdp_setup(policy):
     strategy = PRDP(
-        PRDPConfig(group_size=2, beta=0.1, eps=1e-3, refresh_every=2),
+        PRDPConfig(group_size=2, beta=0.1, eps=1e-3),
         policy,
         Reward("shapes_color_soft"),
         SAMPLE,
