@@ -313,30 +313,71 @@ def test_prdp_ratio_is_exactly_one_on_policy_and_accumulates(prdp_setup):
     assert_same_grads(accumulated_grads(strategy, big), accumulated_grads(strategy, small))
 
 
-def test_prdp_refreshes_the_old_policy_every_k_steps_and_resumes(prdp_setup):
-    strategy, batch = prdp_setup
-    fresh = PRDP(strategy.config, strategy.policy, strategy.reward, SAMPLE)
-    micro = one_step(fresh, batch, 4)[0]
-    before = [o.clone() for o in fresh.old]
-    params = fresh.policy.parameters()
-    for step in range(3):  # loss, then an "optimizer step" that moves the weights
-        loss, metrics = fresh.loss(micro)
-        if step == 1:  # one update since the refresh: clipped against the stale copy
-            assert metrics["ratio_max_deviation"] > 1e-6
-        with torch.no_grad():
-            for p in params:
-                p.add_(1e-3)
-    # K = 2: the third call (after 2 completed steps) refreshed the copy to the weights of that moment
-    assert fresh.refreshed_at == 2
-    assert all(torch.allclose(o, b + 2e-3) for o, b in zip(fresh.old, before, strict=True))
-    state = fresh.state_dict()
-    other = PRDP(strategy.config, strategy.policy, strategy.reward, SAMPLE)
-    other.load_state_dict(state)
-    assert other.refreshed_at == 2 and other.weight_seen == fresh.weight_seen
-    assert all(torch.equal(a, b) for a, b in zip(other.old, fresh.old, strict=True))
+def move_weights(policy, delta):
+    """An "optimizer step": every LoRA weight moves by `delta`."""
     with torch.no_grad():
-        for p in params:
-            p.sub_(3e-3)
+        for p in policy.parameters():
+            p.add_(delta)
+
+
+def deviation_from_sampler(policy, batch):
+    """max |exp(log pi_now - log pi_sampler) - 1| over every row and step, computed here (not by PRDP)."""
+    n, steps = batch["log_probs"].shape
+    now = torch.stack(
+        [
+            policy.log_prob(
+                batch["latents"][:, i],
+                batch["latents"][:, i + 1],
+                batch["timesteps"][i].expand(n),
+                batch["embeds"],
+                SAMPLE.guidance_scale,
+                SAMPLE.num_steps,
+            )
+            for i in range(steps)
+        ],
+        1,
+    )
+    return (torch.exp(now - batch["log_probs"]) - 1).abs().max().item()
+
+
+def test_prdp_clips_around_the_policy_that_sampled_each_batch(prdp_setup):
+    """Algorithm 1: theta_old <- theta, sample, K updates. After updates on one batch, the next batch's clip is
+    centred on its own sampler: ratio exactly 1 before its first update, and after one the deviation that
+    PRDP reports is the deviation from the sampler's stored log-probs."""
+    strategy, _ = prdp_setup
+    policy = strategy.policy
+    prdp = PRDP(PRDPConfig(group_size=2, beta=0.1, eps=1e-3), policy, strategy.reward, SAMPLE)
+    first = prdp.collect(PROMPTS, torch.Generator().manual_seed(1))
+    try:
+        for _ in range(2):  # two updates on the first batch
+            prdp.loss(one_step(prdp, first, 4)[0])
+            move_weights(policy, 1e-2)
+        second = prdp.collect(PROMPTS, torch.Generator().manual_seed(2))  # sampled by the moved policy
+        micro = one_step(prdp, second, 4)[0]
+        _, metrics = prdp.loss(micro)
+        assert metrics["ratio_max_deviation"] < 1e-6 and metrics["clip_fraction"] == 0.0
+        move_weights(policy, 1e-2)  # one update on the second batch
+        expected = deviation_from_sampler(policy, second)
+        assert expected > 1e-4  # the update moved the log-probs
+        _, metrics = prdp.loss(micro)
+        assert metrics["ratio_max_deviation"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+        # a resumed strategy (state from the old one) clips the same batch the same way
+        resumed = PRDP(prdp.config, policy, strategy.reward, SAMPLE)
+        resumed.load_state_dict(prdp.state_dict())
+        assert resumed.loss(micro)[1]["ratio_max_deviation"] == metrics["ratio_max_deviation"]
+    finally:
+        move_weights(policy, -3e-2)
+
+
+def test_prdp_refresh_every_is_refused_with_what_to_do_instead():
+    from diffusion_align.config import load_config
+
+    with pytest.raises(ValueError, match="refresh_every was removed"):
+        PRDPConfig(refresh_every=10)
+    data = {"model": {"pretrained": "shapes"}, "rewards": [{"name": "shapes_color"}]}
+    data["strategy"] = {"name": "prdp", "refresh_every": 10}
+    with pytest.raises(UserError, match="refresh_every was removed.*num_inner_epochs"):
+        load_config(data)
 
 
 def test_prdp_timestep_window_leaves_late_steps_out(prdp_setup):
