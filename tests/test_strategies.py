@@ -341,9 +341,9 @@ def deviation_from_sampler(policy, batch):
 
 
 def test_prdp_clips_around_the_policy_that_sampled_each_batch(prdp_setup):
-    """Algorithm 1: theta_old <- theta, sample, K updates. After updates on one batch, the next batch's clip is
-    centred on its own sampler: ratio exactly 1 before its first update, and after one the deviation that
-    PRDP reports is the deviation from the sampler's stored log-probs."""
+    """Algorithm 1: theta_old <- theta, sample, K updates. After updates on one batch, the next batch's clip
+    is centred on its own sampler: ratio exactly 1 before its first update, and after one the deviation
+    that PRDP reports is the deviation from the sampler's stored log-probs."""
     strategy, _ = prdp_setup
     policy = strategy.policy
     prdp = PRDP(PRDPConfig(group_size=2, beta=0.1, eps=1e-3), policy, strategy.reward, SAMPLE)

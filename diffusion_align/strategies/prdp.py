@@ -7,12 +7,13 @@ h_t = log pi_theta(x_{t-1}|x_t) - log pi_ref(...) (ref = base model, LoRA disabl
 h_old_t +- eps; h = mean over steps (the JAX reference averages); every pair i < j of a group with different
 rewards: max((h_i - h_j - (r_i - r_j)/beta)^2, same with clipped h). The step's objective is the mean over
 its pairs; micro-batches hold whole groups.
-Old policy (the paper's Algorithm 1: theta_old <- theta, sample, then K updates): the policy that sampled the
-batch. `collect` snapshots the LoRA weights into the batch; the old log-probs are computed once per row in the
-training forward's own numerics (from the current forward while the weights still equal the snapshot, else by
-swapping the snapshot in) and cached in the batch, so the clip is centred on the sampler even after updates and
-is exactly 0 before the first. The paper's K inner updates are `num_inner_epochs` with `train.batch_size =
-samples_per_epoch` (one full-batch step per pass). Nothing outlives a batch, so a resume needs no state.
+Old policy (the paper's Algorithm 1: theta_old <- theta, sample, then K updates): the policy that sampled
+the batch. `collect` snapshots the LoRA weights into the batch; the old log-probs are computed once per row in
+the training forward's own numerics (from the current forward while the weights still equal the snapshot,
+else by swapping the snapshot in) and cached in the batch, so the clip is centred on the sampler even after
+updates, and exactly (not up to the sampler's float noise, which can reach eps = 1e-6) before the first. The
+paper's K inner updates are `num_inner_epochs` with `train.batch_size = samples_per_epoch` (one full-batch
+step per pass). Nothing outlives a batch, so a resume needs no state.
 """
 
 from __future__ import annotations
