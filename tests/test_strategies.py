@@ -263,6 +263,45 @@ def test_d3po_drops_ties_and_spreads_pairs_over_a_fixed_step_count(policy):
         assert torch.isfinite(loss) and loss.requires_grad
 
 
+@pytest.mark.parametrize(
+    "soft_weight, other, other_weight",
+    [(-1.0, "shapes_color", 0.0), (1.0, "jpeg_incompressibility", 0.0), (-2.0, "shapes_color", 1.0)],
+)
+def test_d3po_prefers_by_the_signed_weights_of_the_trainers_reward(policy, soft_weight, other, other_weight):
+    """Through the trainer's own reward wrappers: each component counts as weight * value, so a negative
+    weight is preferred smaller and a zero-weight (log-only) component neither decides nor blocks a pair."""
+    from diffusion_align.registry import build_reward
+    from diffusion_align.settings import RewardSettings
+    from diffusion_align.trainer import RecordingReward
+
+    settings = [
+        RewardSettings(name="shapes_color_soft", weight=soft_weight),
+        RewardSettings(name=other, weight=other_weight),
+    ]
+    strategy = D3PO(D3POConfig(), policy, RecordingReward(build_reward(settings)), SAMPLE)
+    batch = strategy.collect([p for p in PROMPTS for _ in range(2)], torch.Generator().manual_seed(3))
+    soft = soft_weight * batch["components"]["shapes_color_soft"].view(-1, 2)
+    second = other_weight * batch["components"][other].view(-1, 2)
+    expected = []  # (winner row, loser row) by hand: dominance on the weighted, non-zero-weight components
+    for k in range(len(soft)):
+        for w, lose in ((0, 1), (1, 0)):
+            at_least = soft[k, w] >= soft[k, lose] and second[k, w] >= second[k, lose]
+            better = soft[k, w] > soft[k, lose] or (other_weight != 0 and second[k, w] > second[k, lose])
+            if at_least and better:
+                expected.append((2 * k + w, 2 * k + lose))
+    assert list(zip(batch["win"].tolist(), batch["lose"].tolist(), strict=True)) == expected
+    if other_weight == 0:  # the continuous component alone decides every pair
+        assert len(expected) == len(soft)
+
+
+def test_d3po_refuses_a_reward_whose_weights_are_all_zero(policy):
+    zero = {"shapes_color_soft": 0.0, "shapes_color": 0.0}
+    reward = Reward("shapes_color_soft", "shapes_color", weights=zero)
+    strategy = D3PO(D3POConfig(), policy, reward, SAMPLE)
+    with pytest.raises(UserError, match="every reward weight is 0"):
+        strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
+
+
 def test_d3po_human_labels_regenerate_the_pair_exactly(tmp_path, policy):
     shown = render_pairs(policy, Reward("shapes_color"), SAMPLE, [(PROMPTS[0], 7), (PROMPTS[1], 8)])
     assert shown["images"].shape == (4, 3, 32, 32)
