@@ -11,9 +11,10 @@ Old policy (the paper's Algorithm 1: theta_old <- theta, sample, then K updates)
 the batch. `collect` snapshots the LoRA weights into the batch; the old log-probs are computed once per row in
 the training forward's own numerics (from the current forward while the weights still equal the snapshot,
 else by swapping the snapshot in) and cached in the batch, so the clip is centred on the sampler even after
-updates, and exactly (not up to the sampler's float noise, which can reach eps = 1e-6) before the first. The
-paper's K inner updates are `num_inner_epochs` with `train.batch_size = samples_per_epoch` (one full-batch
-step per pass). Nothing outlives a batch, so a resume needs no state.
+updates, and exactly before the first (the sampler's stored log-probs come from another forward, whose float
+noise eps = 1e-6 leaves no room for). The paper's K inner updates are `num_inner_epochs` with
+`train.batch_size = samples_per_epoch` (one full-batch step per pass). Nothing outlives a batch, so a resume
+needs no state.
 """
 
 from __future__ import annotations
