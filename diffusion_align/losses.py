@@ -60,12 +60,19 @@ def d3po_loss(
     return -torch.nn.functional.logsigmoid(inside), (inside.detach() > 0).float()
 
 
-def preference_pairs(rewards: Tensor) -> tuple[Tensor, Tensor]:
-    """Pareto preference between pair members. rewards: (P, 2, K) (K reward components, higher is better).
+def preference_pairs(rewards: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Pareto preference between pair members. rewards: (P, 2, K) (K reward components); weights: (K,) the
+    components' signed weights in the total (None: all 1).
 
-    Returns (winner index (P,) in {0, 1} as int64, decisive (P,) bool). A member wins if it is >= on every
-    component and > on at least one; ties and incomparable pairs are not decisive (D3PO drops them).
+    A component counts as weight * value: a negatively weighted one is preferred smaller, a zero-weight
+    (log-only) one is ignored. Returns (winner index (P,) in {0, 1} as int64, decisive (P,) bool). A member
+    wins if it is >= on every counted component and > on at least one; ties and incomparable pairs are not
+    decisive (D3PO drops them), and so is every pair when no component counts.
     """
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=rewards.dtype, device=rewards.device)
+        counted = weights != 0
+        rewards = rewards[..., counted] * weights[counted]
     a, b = rewards[:, 0], rewards[:, 1]
     a_dominates = (a >= b).all(-1) & (a > b).any(-1)
     b_dominates = (b >= a).all(-1) & (b > a).any(-1)

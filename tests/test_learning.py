@@ -7,7 +7,9 @@ shapes_heldout prompts and 0.009 for the 19 held-out green-on-black captions x 4
 recipes (0.680 to 0.700).
 Measured on 2 shared CPU cores, 20 epochs x 64 images (about 3 min per run on one core), held-out reward
 from 0.680, for train.seed 0 / 1 / 2:
-  DDPO 0.825 / 0.878 / 0.822     D3PO 0.892 / 0.768 / 0.694     PRDP 0.897 / 0.887 / 0.857
+  DDPO 0.825 / 0.878 / 0.822     D3PO 0.892 / 0.768 / 0.694     PRDP 0.897 / 0.887 / 0.856
+  D3PO with a second, zero-weight reward (d3po_shapes_two_rewards.yaml) 0.892 / 0.768 / 0.693: the same
+  pairs (all decisive; before the signed weights only 44% were in its first epoch).
 (D3PO is seed-sensitive: its binary preferences weigh a near-tie like a clear win; every step trained,
 timestep_fraction 1.0: 0.867 / 0.729 / 0.761.)
   AlignProp (shapes_heldout, 16 prompts) 0.795 -> 0.843 in 8 optimizer steps.

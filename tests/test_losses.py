@@ -91,6 +91,28 @@ def test_pareto_preference():
     assert winner.tolist() == [1] and decisive.tolist() == [True]
 
 
+def test_pareto_preference_uses_the_signed_weights():
+    rewards = torch.tensor(
+        [
+            [[1.0, 2.0], [0.0, 2.0]],  # unweighted: first dominates
+            [[1.0, 2.0], [1.0, 0.0]],  # unweighted: first dominates
+            [[0.0, 1.0], [1.0, 0.0]],  # unweighted: incomparable
+        ]
+    )
+    # weights (-1, 1), component 0 a cost: (-1, 2) vs (0, 2) -> second; (-1, 2) vs (-1, 0) -> first;
+    # (0, 1) vs (-1, 0) -> first
+    winner, decisive = preference_pairs(rewards, torch.tensor([-1.0, 1.0]))
+    assert decisive.tolist() == [True, True, True] and winner.tolist() == [1, 0, 0]
+    # weights (1, 0), component 1 log-only: 1 vs 0 -> first; 1 vs 1 tie; 0 vs 1 -> second
+    winner, decisive = preference_pairs(rewards, torch.tensor([1.0, 0.0]))
+    assert decisive.tolist() == [True, False, True] and winner[decisive].tolist() == [0, 1]
+    # positive weights of any size: the unweighted Pareto order
+    winner, decisive = preference_pairs(rewards, torch.tensor([2.0, 0.5]))
+    assert decisive.tolist() == [True, True, False] and winner[decisive].tolist() == [0, 0]
+    _, decisive = preference_pairs(rewards, torch.tensor([0.0, 0.0]))  # nothing counts: nothing decisive
+    assert decisive.tolist() == [False, False, False]
+
+
 def test_prdp_loss_by_hand():
     # h_t: sample 0 [0.3, 0.1], sample 1 [0.0, 0.2]; old = 0; eps = 0.15; rewards 1.0, 0.5; beta 1
     # h = [0.2, 0.1]; target 0.5; unclipped (0.2 - 0.1 - 0.5)^2 = 0.16

@@ -2,9 +2,12 @@
 equals one big batch, pairs/groups as published, gradients only in the LoRA, clear errors, resume state."""
 
 import json
+import math
+from contextlib import contextmanager
 
 import pytest
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 import rewards
 from diffusion_align.backbones import StableDiffusionBackbone
@@ -81,6 +84,40 @@ def one_step(strategy, batch, micro):
     assert len(plan) == 1
     assert abs(sum(m["weight"] for m in plan[0]) - 1) < 1e-9
     return plan[0]
+
+
+@contextmanager
+def restored(policy):
+    """Put the LoRA weights back after the block (tests that take a step share the module's policy)."""
+    saved = [p.detach().clone() for p in policy.parameters()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(policy.parameters(), saved, strict=True):
+                p.copy_(s)
+
+
+def descend(strategy, step, size=1e-3):
+    """One plain gradient step of fixed length `size` on the strategy's objective for plan step `step`."""
+    grads = accumulated_grads(strategy, step)
+    norm = torch.sqrt(sum((g**2).sum() for g in grads))
+    assert norm > 0, "no gradient at all"
+    with torch.no_grad():
+        for p, g in zip(strategy.policy.parameters(), grads, strict=True):
+            p.sub_(size * g / norm)
+
+
+def log_probs_by_hand(policy, batch, rows, steps):
+    """log pi(x_{t-1} | x_t) of `rows`, each at its own step index, from the policy's transition."""
+    x_t, x_prev = batch["latents"][rows, steps], batch["latents"][rows, steps + 1]
+    with torch.no_grad():
+        mean, std = policy.transition(
+            x_t, batch["timesteps"][steps], batch["embeds"][rows], SAMPLE.guidance_scale, SAMPLE.num_steps
+        )
+    return (-((x_prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)).mean(
+        (1, 2, 3)
+    )
 
 
 # --- DDPO ----------------------------------------------------------------------------------------------
@@ -251,16 +288,95 @@ def test_d3po_pairs_share_noise_and_accumulate(policy):
     assert_same_grads(accumulated_grads(strategy, big), accumulated_grads(strategy, small))
 
 
+class RoundedReward:
+    """shapes_color_soft rounded to 3 decimals: a pair's members (one x_T) often tie, but not always."""
+
+    differentiable = False
+
+    def __init__(self):
+        self.soft = rewards.build("shapes_color_soft")
+
+    def __call__(self, images, prompts):
+        r = torch.round(self.soft(images, prompts) * 1000) / 1000
+        return r, {"rounded": r}
+
+
 def test_d3po_drops_ties_and_spreads_pairs_over_a_fixed_step_count(policy):
-    strategy = D3PO(D3POConfig(), policy, Reward("shapes_color"), SAMPLE)  # values in {0, .5, 1}: ties
-    batch = strategy.collect([p for p in PROMPTS for _ in range(2)], torch.Generator().manual_seed(3))
+    strategy = D3PO(D3POConfig(), policy, RoundedReward(), SAMPLE)
+    batch = strategy.collect([p for p in PROMPTS for _ in range(2)], torch.Generator().manual_seed(0))
     r = batch["reward"].view(-1, 2)
-    assert len(batch["win"]) == int((r[:, 0] != r[:, 1]).sum())
-    plan = strategy.plan(batch, 2, 2, torch.Generator().manual_seed(0))
-    assert len(plan) == max(1, len(batch["win"]))
-    for step in plan:
-        loss, _ = strategy.loss(step[0])
-        assert torch.isfinite(loss) and loss.requires_grad
+    untied = [k for k in range(len(r)) if r[k, 0] != r[k, 1]]
+    assert 0 < len(untied) < len(r)  # this seed gives both: the test sees a tie dropped and a pair kept
+    assert sorted((batch["win"] // 2).tolist()) == untied and (batch["lose"] // 2 == batch["win"] // 2).all()
+    assert (batch["reward"][batch["win"]] > batch["reward"][batch["lose"]]).all()
+    plan = strategy.plan(batch, 2, 2, torch.Generator().manual_seed(0))  # one pair per optimizer step
+    assert len(plan) == len(untied)
+    planned = [int(m["pairs"]) for step in plan for m in step[:1]]
+    assert sorted(planned) == list(range(len(untied)))  # every kept pair once, one per step
+    assert all(int(m["pairs"]) == int(step[0]["pairs"]) for step in plan for m in step)
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["as-preferred", "winner-and-loser-swapped"])
+def test_d3po_update_raises_the_winners_likelihood_over_the_losers(swap):
+    """One step on the D3PO loss raises sum over trained (pair, step) of log pi(winner) - log pi(loser);
+    with the labels swapped, the other member's. A loss with its sign flipped fails both."""
+    policy = make_policy(perturb=False)  # every ratio 1: inside the clamp, so every pair has a gradient
+    strategy = D3PO(D3POConfig(), policy, Reward("shapes_color_soft"), SAMPLE)
+    batch = strategy.collect([p for p in PROMPTS for _ in range(2)], torch.Generator().manual_seed(0))
+    if swap:
+        batch["win"], batch["lose"] = batch["lose"], batch["win"]
+    (step,) = strategy.plan(batch, 8, 8, torch.Generator().manual_seed(0))
+
+    def margin():
+        total = 0.0
+        for m in step:
+            win, lose = batch["win"][m["pairs"]], batch["lose"][m["pairs"]]
+            diff = log_probs_by_hand(policy, batch, win, m["steps"])
+            total += (diff - log_probs_by_hand(policy, batch, lose, m["steps"])).sum().item()
+        return total
+
+    before = margin()
+    descend(strategy, step)
+    assert margin() > before
+
+
+@pytest.mark.parametrize(
+    "soft_weight, other, other_weight",
+    [(-1.0, "shapes_color", 0.0), (1.0, "jpeg_incompressibility", 0.0), (-2.0, "shapes_color", 1.0)],
+)
+def test_d3po_prefers_by_the_signed_weights_of_the_trainers_reward(policy, soft_weight, other, other_weight):
+    """Through the trainer's own reward wrappers: each component counts as weight * value, so a negative
+    weight is preferred smaller and a zero-weight (log-only) component neither decides nor blocks a pair."""
+    from diffusion_align.registry import build_reward
+    from diffusion_align.settings import RewardSettings
+    from diffusion_align.trainer import RecordingReward
+
+    settings = [
+        RewardSettings(name="shapes_color_soft", weight=soft_weight),
+        RewardSettings(name=other, weight=other_weight),
+    ]
+    strategy = D3PO(D3POConfig(), policy, RecordingReward(build_reward(settings)), SAMPLE)
+    batch = strategy.collect([p for p in PROMPTS for _ in range(2)], torch.Generator().manual_seed(3))
+    soft = soft_weight * batch["components"]["shapes_color_soft"].view(-1, 2)
+    second = other_weight * batch["components"][other].view(-1, 2)
+    expected = []  # (winner row, loser row) by hand: dominance on the weighted, non-zero-weight components
+    for k in range(len(soft)):
+        for w, lose in ((0, 1), (1, 0)):
+            at_least = soft[k, w] >= soft[k, lose] and second[k, w] >= second[k, lose]
+            better = soft[k, w] > soft[k, lose] or (other_weight != 0 and second[k, w] > second[k, lose])
+            if at_least and better:
+                expected.append((2 * k + w, 2 * k + lose))
+    assert list(zip(batch["win"].tolist(), batch["lose"].tolist(), strict=True)) == expected
+    if other_weight == 0:  # the continuous component alone decides every pair
+        assert len(expected) == len(soft)
+
+
+def test_d3po_refuses_a_reward_whose_weights_are_all_zero(policy):
+    zero = {"shapes_color_soft": 0.0, "shapes_color": 0.0}
+    reward = Reward("shapes_color_soft", "shapes_color", weights=zero)
+    strategy = D3PO(D3POConfig(), policy, reward, SAMPLE)
+    with pytest.raises(UserError, match="every reward weight is 0"):
+        strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
 
 
 def test_d3po_human_labels_regenerate_the_pair_exactly(tmp_path, policy):
@@ -288,7 +404,7 @@ def test_d3po_human_labels_regenerate_the_pair_exactly(tmp_path, policy):
 @pytest.fixture(scope="module")
 def prdp_setup(policy):
     strategy = PRDP(
-        PRDPConfig(group_size=2, beta=0.1, eps=1e-3, refresh_every=2),
+        PRDPConfig(group_size=2, beta=0.1, eps=1e-3),
         policy,
         Reward("shapes_color_soft"),
         SAMPLE,
@@ -313,30 +429,93 @@ def test_prdp_ratio_is_exactly_one_on_policy_and_accumulates(prdp_setup):
     assert_same_grads(accumulated_grads(strategy, big), accumulated_grads(strategy, small))
 
 
-def test_prdp_refreshes_the_old_policy_every_k_steps_and_resumes(prdp_setup):
-    strategy, batch = prdp_setup
-    fresh = PRDP(strategy.config, strategy.policy, strategy.reward, SAMPLE)
-    micro = one_step(fresh, batch, 4)[0]
-    before = [o.clone() for o in fresh.old]
-    params = fresh.policy.parameters()
-    for step in range(3):  # loss, then an "optimizer step" that moves the weights
-        loss, metrics = fresh.loss(micro)
-        if step == 1:  # one update since the refresh: clipped against the stale copy
-            assert metrics["ratio_max_deviation"] > 1e-6
-        with torch.no_grad():
-            for p in params:
-                p.add_(1e-3)
-    # K = 2: the third call (after 2 completed steps) refreshed the copy to the weights of that moment
-    assert fresh.refreshed_at == 2
-    assert all(torch.allclose(o, b + 2e-3) for o, b in zip(fresh.old, before, strict=True))
-    state = fresh.state_dict()
-    other = PRDP(strategy.config, strategy.policy, strategy.reward, SAMPLE)
-    other.load_state_dict(state)
-    assert other.refreshed_at == 2 and other.weight_seen == fresh.weight_seen
-    assert all(torch.equal(a, b) for a, b in zip(other.old, fresh.old, strict=True))
+def move_weights(policy, delta):
+    """An "optimizer step": every LoRA weight moves by `delta`."""
     with torch.no_grad():
-        for p in params:
-            p.sub_(3e-3)
+        for p in policy.parameters():
+            p.add_(delta)
+
+
+def deviation_from_sampler(policy, batch):
+    """max |exp(log pi_now - log pi_sampler) - 1| over every row and step, computed here (not by PRDP)."""
+    n, steps = batch["log_probs"].shape
+    now = torch.stack(
+        [
+            policy.log_prob(
+                batch["latents"][:, i],
+                batch["latents"][:, i + 1],
+                batch["timesteps"][i].expand(n),
+                batch["embeds"],
+                SAMPLE.guidance_scale,
+                SAMPLE.num_steps,
+            )
+            for i in range(steps)
+        ],
+        1,
+    )
+    return (torch.exp(now - batch["log_probs"]) - 1).abs().max().item()
+
+
+def test_prdp_clips_around_the_policy_that_sampled_each_batch(prdp_setup):
+    """Algorithm 1: theta_old <- theta, sample, K updates. After updates on one batch, the next batch's clip
+    is centred on its own sampler: ratio exactly 1 before its first update, and after one the deviation
+    that PRDP reports is the deviation from the sampler's stored log-probs."""
+    strategy, _ = prdp_setup
+    policy = strategy.policy
+    prdp = PRDP(PRDPConfig(group_size=2, beta=0.1, eps=1e-3), policy, strategy.reward, SAMPLE)
+    first = prdp.collect(PROMPTS, torch.Generator().manual_seed(1))
+    try:
+        for _ in range(2):  # two updates on the first batch
+            prdp.loss(one_step(prdp, first, 4)[0])
+            move_weights(policy, 1e-2)
+        second = prdp.collect(PROMPTS, torch.Generator().manual_seed(2))  # sampled by the moved policy
+        micro = one_step(prdp, second, 4)[0]
+        _, metrics = prdp.loss(micro)
+        assert metrics["ratio_max_deviation"] < 1e-6 and metrics["clip_fraction"] == 0.0
+        move_weights(policy, 1e-2)  # one update on the second batch
+        expected = deviation_from_sampler(policy, second)
+        assert expected > 1e-4  # the update moved the log-probs
+        _, metrics = prdp.loss(micro)
+        assert metrics["ratio_max_deviation"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+        # a resumed strategy (state from the old one) clips the same batch the same way
+        resumed = PRDP(prdp.config, policy, strategy.reward, SAMPLE)
+        resumed.load_state_dict(prdp.state_dict())
+        assert resumed.loss(micro)[1]["ratio_max_deviation"] == metrics["ratio_max_deviation"]
+    finally:
+        move_weights(policy, -3e-2)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["reward", "negated-reward"])
+def test_prdp_update_raises_the_log_ratio_of_the_better_sample_of_each_pair(policy, sign):
+    """With a tiny beta the target (r_i - r_j) / beta dwarfs every log-ratio difference, so one step raises
+    sum over pairs of (r_i - r_j) * (h_i - h_j), h = mean over steps of log pi (the reference is fixed). With
+    the reward negated, the other member's. A loss with its sign flipped fails both."""
+    reward = Reward("shapes_color_soft", weights={"shapes_color_soft": sign})
+    strategy = PRDP(PRDPConfig(group_size=2, beta=3e-5, eps=1e-3), policy, reward, SAMPLE)
+    batch = strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
+    r = batch["reward"]
+    assert (r[0::2] != r[1::2]).all() and ((r < 0) if sign < 0 else (r > 0)).all()
+
+    def spread():
+        rows, steps = torch.arange(4).repeat_interleave(2), torch.tensor([0, 1] * 4)
+        h = log_probs_by_hand(policy, batch, rows, steps).view(4, 2).mean(1)
+        return ((r[0::2] - r[1::2]) * (h[0::2] - h[1::2])).sum().item()
+
+    with restored(policy):
+        before = spread()
+        descend(strategy, one_step(strategy, batch, 4))
+        assert spread() > before
+
+
+def test_prdp_refresh_every_is_refused_with_what_to_do_instead():
+    from diffusion_align.config import load_config
+
+    with pytest.raises(ValueError, match="refresh_every was removed"):
+        PRDPConfig(refresh_every=10)
+    data = {"model": {"pretrained": "shapes"}, "rewards": [{"name": "shapes_color"}]}
+    data["strategy"] = {"name": "prdp", "refresh_every": 10}
+    with pytest.raises(UserError, match="refresh_every was removed.*num_inner_epochs"):
+        load_config(data)
 
 
 def test_prdp_timestep_window_leaves_late_steps_out(prdp_setup):
@@ -375,18 +554,66 @@ def test_reward_backprop_accumulates_with_the_same_noise(cls, config, policy):
     assert_same_grads(accumulated_grads(strategy, big), accumulated_grads(strategy, small))
 
 
-def test_draft_windows(policy):
-    strategy = DRaFT(DRaFTConfig(k=1), policy, Reward("shapes_color_soft"), SAMPLE)
+def window_objective_by_hand(strategy, batch, cut):
+    """Mean reward of the re-run from each stored latent at `cut`: steps cut..S-1 through the policy's
+    transition with each sample's re-run noise (seeded from batch["noise_seeds"]), decoded and scored.
+    Differentiable in the LoRA weights; everything before the cut is the stored, constant latent."""
+    policy = strategy.policy
+    gens = [torch.Generator().manual_seed(seed) for seed in batch["noise_seeds"]]
+    x = batch["latents"][:, cut]
+    for i in range(cut, len(batch["timesteps"])):
+        t = batch["timesteps"][i]
+        mean, std = policy.transition(x, t, batch["embeds"], SAMPLE.guidance_scale, SAMPLE.num_steps)
+        x = mean + std * randn_tensor(x.shape, generator=gens, dtype=mean.dtype)
+    return strategy.reward(policy.backbone.decode(x), batch["prompts"])[0].float().mean()
+
+
+@pytest.mark.parametrize("k", [1, 0], ids=["draft-k1", "draft-full"])
+def test_draft_gradient_is_the_gradient_of_its_window_re_run(policy, k):
+    """DRaFT-K's gradient is that of -loss_scale * reward of the last k steps re-run from the stored latent
+    (steps outside the window contribute nothing); the full chain (k = 0) re-runs from x_T."""
+    strategy = DRaFT(DRaFTConfig(k=k, loss_scale=0.5), policy, Reward("shapes_color_soft"), SAMPLE)
     batch = strategy.collect(PROMPTS[:2], torch.Generator().manual_seed(0))
     micro = one_step(strategy, batch, 2)[0]
-    assert micro["cut"] == 1
-    for p in policy.parameters():
-        p.grad = None
+    cut = SAMPLE.num_steps - k if k else 0
+    assert micro["cut"] == cut
+    params = policy.parameters()
     loss, metrics = strategy.loss(micro)
-    loss.backward()
-    assert metrics["grad_steps"] == 1.0 and all(p.grad is not None for p in policy.parameters())
-    full = DRaFT(DRaFTConfig(k=0), policy, Reward("shapes_color_soft"), SAMPLE)
-    assert one_step(full, batch, 2)[0]["cut"] == 0  # the whole chain from x_T
+    assert metrics["grad_steps"] == SAMPLE.num_steps - cut
+    ours = torch.autograd.grad(loss, params)
+    expected = torch.autograd.grad(-0.5 * window_objective_by_hand(strategy, batch, cut), params)
+    assert_same_grads(list(ours), list(expected))
+    if k == 1:  # the window matters: the full chain's gradient is another one
+        full = torch.autograd.grad(-0.5 * window_objective_by_hand(strategy, batch, 0), params)
+        assert max((a - b).abs().max().item() for a, b in zip(ours, full, strict=True)) > 1e-3 * max(
+            g.abs().max().item() for g in ours
+        )
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["reward", "negated-reward"])
+@pytest.mark.parametrize(
+    "cls, config",
+    [
+        (AlignProp, AlignPropConfig(truncation="fixed", truncation_fixed=1)),
+        (DRaFT, DRaFTConfig(k=1)),
+        (DRaFT, DRaFTConfig(k=0)),
+    ],
+    ids=["alignprop", "draft-k1", "draft-full"],
+)
+def test_reward_backprop_update_raises_the_reward(policy, cls, config, sign):
+    """One step raises the reward of the window's re-run (measured by hand); with the reward negated, the
+    negated reward. A loss with its sign flipped fails both."""
+    reward = Reward("shapes_color_soft", weights={"shapes_color_soft": sign})
+    strategy = cls(config, policy, reward, SAMPLE)
+    batch = strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
+    step = one_step(strategy, batch, 4)
+    with restored(policy):
+        with torch.no_grad():
+            before = window_objective_by_hand(strategy, batch, step[0]["cut"]).item()
+        descend(strategy, step)
+        with torch.no_grad():
+            after = window_objective_by_hand(strategy, batch, step[0]["cut"]).item()
+    assert after > before
 
 
 def test_reward_backprop_rejects_a_non_differentiable_reward(policy):

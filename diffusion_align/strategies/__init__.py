@@ -19,9 +19,9 @@
         def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
             '''Scalar loss averaged over the micro-batch, with gradient in the LoRA weights, and metrics.
             Call it for every micro-batch of the plan in order, with one optimizer step after each step's
-            last one (PRDP counts optimizer steps from the weights). A micro-batch with nothing to learn
-            returns a zero that still has a graph, so `backward` works on every process.'''
-        def state_dict(self) -> dict         # what a resume needs (tracker, old policy, ...); {} if nothing
+            last one. A micro-batch with nothing to learn returns a zero that still has a graph, so
+            `backward` works on every process.'''
+        def state_dict(self) -> dict         # what a resume needs (tracker, label cursor, ...); {} if nothing
         def load_state_dict(self, state: dict) -> None
 
 `reward(images (B,3,H,W) in [0,1], prompts) -> (total (B,) float32, components dict[name, (B,)])`, with a

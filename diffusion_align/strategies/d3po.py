@@ -2,8 +2,9 @@
 
 Pairs: two DDIM-eta trajectories of the same prompt from the same x_T, differing only through the step noise.
 Preference, one of:
-- from the reward: Pareto dominance over the reward components (one component: the larger total wins); ties
-  and incomparable pairs are dropped;
+- from the reward: Pareto dominance over the reward components, each counted as its signed weight in the total
+  times its value (a negatively weighted component is preferred smaller, a zero-weight, log-only one is
+  ignored; one component: the larger total wins); ties and incomparable pairs are dropped;
 - from human labels, a JSONL file (`human_labels`), one pair per line:
       {"prompt": "a red circle", "seed": 7, "preferred": 0}
   The pair is regenerated exactly by the frozen base model (`render_pairs`): x_T and image 0's step noise come
@@ -90,8 +91,17 @@ class D3PO:
         x_T = shared_initial_noise(self.policy, self.sample, gens, 2)
         batch = sample_batch(self.policy, self.reward, self.sample, pair_prompts, gens, x_T)
         parts = batch["components"]
-        scores = torch.stack(list(parts.values()), -1) if len(parts) > 1 else batch["reward"][:, None]
-        winner, decisive = preference_pairs(scores.view(n // 2, 2, -1))
+        if parts:
+            weights = component_weights(self.reward, list(parts))
+            if not any(weights):
+                raise UserError(
+                    f"D3PO prefers by the reward, but every reward weight is 0 ({', '.join(parts)}): give "
+                    "the reward to optimise a non-zero weight"
+                )
+            scores, weights = torch.stack(list(parts.values()), -1), torch.tensor(weights)
+        else:  # a custom reward without components: its total
+            scores, weights = batch["reward"][:, None], None
+        winner, decisive = preference_pairs(scores.view(n // 2, 2, -1), weights)
         return batch, torch.where(decisive, winner, -1)
 
     def _collect_human(self, num_pairs: int) -> tuple[dict, Tensor]:
@@ -163,6 +173,21 @@ class D3PO:
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state.get("cursor", 0))
+
+
+def component_weights(reward, names: list[str]) -> list[float]:
+    """The signed weight of each named component in the total, found through the trainer's wrappers
+    (`RecordingReward.reward` -> `RewardFunction.weights`, or a `.combined` Combined); 1 where none is
+    given."""
+    obj = reward
+    for _ in range(4):
+        weights = getattr(obj, "weights", None)
+        if isinstance(weights, dict):
+            return [float(weights.get(n, 1.0)) for n in names]
+        obj = getattr(obj, "reward", None) or getattr(obj, "combined", None)
+        if obj is None:
+            break
+    return [1.0] * len(names)
 
 
 def read_labels(path: str | Path) -> list[dict]:

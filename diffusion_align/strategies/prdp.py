@@ -7,15 +7,18 @@ h_t = log pi_theta(x_{t-1}|x_t) - log pi_ref(...) (ref = base model, LoRA disabl
 h_old_t +- eps; h = mean over steps (the JAX reference averages); every pair i < j of a group with different
 rewards: max((h_i - h_j - (r_i - r_j)/beta)^2, same with clipped h). The step's objective is the mean over
 its pairs; micro-batches hold whole groups.
-Old policy: a copy of the LoRA weights kept in the strategy, refreshed every `refresh_every` optimizer steps
-(counted from the plan weights the trainer passes through `loss`: a step is complete when they sum to 1).
-Its log-probs are computed by swapping the copy in under no_grad. The copy, the step count and the refresh
-point are in `state_dict`, so a resumed run clips against the same old policy.
+Old policy (the paper's Algorithm 1: theta_old <- theta, sample, then K updates): the policy that sampled
+the batch. `collect` snapshots the LoRA weights into the batch; the old log-probs are computed once per row in
+the training forward's own numerics (from the current forward while the weights still equal the snapshot,
+else by swapping the snapshot in) and cached in the batch, so the clip is centred on the sampler even after
+updates, and exactly before the first (the sampler's stored log-probs come from another forward, whose float
+noise eps = 1e-6 leaves no room for). The paper's K inner updates are `num_inner_epochs` with
+`train.batch_size = samples_per_epoch` (one full-batch step per pass). Nothing outlives a batch, so a resume
+needs no state.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +35,20 @@ class PRDPConfig:
     group_size: int = 16  # images per prompt (B); pairs are formed within a group
     beta: float = 3e-5  # reward-difference scale: target = (r_i - r_j) / beta (small-scale setting)
     eps: float = 1e-6  # proximal clip of each step's log-ratio around the old policy's
-    refresh_every: int = 10  # K: optimizer steps between refreshes of the old policy
     share_initial_noise: bool = False  # one x_T per group, as DDPO's option of the same name
     # Leading share of the chain (noisiest first) whose log-ratios make up h, as DDPO's `timestep_window`:
     # the late tiny-sigma steps' log-prob gradients are mostly noise. 1.0 = every step (the published PRDP).
     timestep_window: float = 1.0
-    num_inner_epochs: int = 1  # passes over each collected batch
+    num_inner_epochs: int = 1  # K: passes over each collected batch (paper: 10, each one full-batch step)
+    refresh_every: int | None = None  # removed: the old policy is the sampler of each batch
+
+    def __post_init__(self):
+        if self.refresh_every is not None:
+            raise ValueError(
+                "PRDP refresh_every was removed: the old policy is now the one that sampled the batch (the "
+                "paper's Algorithm 1); delete the key and set strategy.num_inner_epochs: K with "
+                "train.batch_size = train.samples_per_epoch for K full-batch updates per batch"
+            )
 
 
 class PRDP:
@@ -51,9 +62,6 @@ class PRDP:
         self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
         self.group = group or LocalGroup()
         self.num_inner_epochs = config.num_inner_epochs
-        self.old = [p.detach().clone() for p in policy.parameters()]
-        self.weight_seen = 0.0  # sum of micro weights seen: completed optimizer steps at each step boundary
-        self.refreshed_at = 0  # completed steps when `old` was last copied
 
     # --- collect -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -64,6 +72,8 @@ class PRDP:
         batch = sample_groups(self, prompts, generator, size, self.config.share_initial_noise, "PRDP")
         batch["group_ids"] = torch.arange(n) // size
         batch["ref_log_probs"] = torch.full_like(batch["log_probs"], float("nan"))  # filled on first use
+        batch["old_params"] = [p.detach().clone() for p in self.policy.parameters()]  # theta_old: the sampler
+        batch["old_log_probs"] = torch.full_like(batch["log_probs"], float("nan"))  # filled on first use
         first, _ = group_pairs(batch["group_ids"], batch["reward"].cpu())
         batch["metrics"]["pairs_per_group"] = len(first) / (n // size)
         return batch
@@ -92,9 +102,6 @@ class PRDP:
 
     # --- loss ----------------------------------------------------------------------------------------
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
-        self._maybe_refresh()
-        old_is_current = self._old_is_current()
-        self.weight_seen += float(micro["weight"])
         batch, cfg, s = micro["batch"], self.config, self.sample
         rows = torch.cat(
             [torch.arange(g * cfg.group_size, (g + 1) * cfg.group_size) for g in micro["groups"].tolist()]
@@ -112,12 +119,16 @@ class PRDP:
             t = batch["timesteps"][i].to(latents.device).expand(len(rows))
             steps.append((latents[r, i], latents[r, i + 1], t))
         refs = [self._ref(batch, r, i, *step, embeds) for i, step in enumerate(steps)]
-        # the old policy's forwards swap weights in place: all of them before any graph holds the weights
-        olds = None if old_is_current else [self._old_log_prob(*step, embeds) for step in steps]
+        old = batch["old_log_probs"][r, :num_steps]
+        missing = bool(torch.isnan(old).any())
+        moved = missing and not self._weights_are(batch["old_params"])
+        if moved:  # the snapshot's forwards swap weights in place: all before any graph holds the weights
+            old = torch.stack([self._old_log_prob(batch["old_params"], *step, embeds) for step in steps], 1)
         log_probs = [self.policy.log_prob(*step, embeds, s.guidance_scale, s.num_steps) for step in steps]
-        if olds is None:
-            olds = [lp.detach() for lp in log_probs]
-        log_prob, ref, old = torch.stack(log_probs, 1), torch.stack(refs, 1), torch.stack(olds, 1)
+        log_prob, ref = torch.stack(log_probs, 1), torch.stack(refs, 1)
+        if missing:
+            old = old if moved else log_prob.detach()  # unchanged weights: the forward is theta_old's
+            batch["old_log_probs"][r, :num_steps] = old
         losses, clipped = prdp_loss(
             log_prob - ref, old - ref, rewards.to(ref.device), first, second, cfg.beta, cfg.eps
         )
@@ -141,26 +152,15 @@ class PRDP:
         return cached
 
     # --- the old policy ------------------------------------------------------------------------------
-    def _completed_steps(self) -> int:
-        """Optimizer steps taken before the current micro-batch (the weights of a step sum to 1)."""
-        return math.floor(self.weight_seen + 1e-6)
-
-    def _old_is_current(self) -> bool:
-        """No optimizer step since the refresh: the weights still equal the copy."""
-        return self._completed_steps() == self.refreshed_at
-
-    def _maybe_refresh(self) -> None:
-        done = self._completed_steps()
-        if done - self.refreshed_at >= self.config.refresh_every:
-            self.old = [p.detach().clone() for p in self.policy.parameters()]
-            self.refreshed_at = done
+    def _weights_are(self, params: list[Tensor]) -> bool:
+        return all(torch.equal(p, o) for p, o in zip(self.policy.parameters(), params, strict=True))
 
     @torch.no_grad()
-    def _old_log_prob(self, x_t, x_prev, t, embeds) -> Tensor:
+    def _old_log_prob(self, old_params, x_t, x_prev, t, embeds) -> Tensor:
         params, s = self.policy.parameters(), self.sample
         current = [p.detach().clone() for p in params]
         try:
-            for p, o in zip(params, self.old, strict=True):
+            for p, o in zip(params, old_params, strict=True):
                 p.copy_(o)
             return self.policy.log_prob(x_t, x_prev, t, embeds, s.guidance_scale, s.num_steps)
         finally:
@@ -168,13 +168,7 @@ class PRDP:
                 p.copy_(c)
 
     def state_dict(self) -> dict:
-        return {
-            "old": [o.cpu() for o in self.old],
-            "weight_seen": self.weight_seen,
-            "refreshed_at": self.refreshed_at,
-        }
+        return {}  # the old policy lives in each batch, and checkpoints fall between batches
 
     def load_state_dict(self, state: dict) -> None:
-        device = self.old[0].device if self.old else "cpu"
-        self.old = [o.to(device) for o in state["old"]]
-        self.weight_seen, self.refreshed_at = float(state["weight_seen"]), int(state["refreshed_at"])
+        pass  # a checkpoint from before the old policy moved into the batch holds a stale copy: not needed
