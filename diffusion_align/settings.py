@@ -173,7 +173,7 @@ _STRATEGY_RANGES = {
     ),
     "d3po": dict(beta=POSITIVE, eps=NON_NEGATIVE, num_inner_epochs=at_least(1), timestep_fraction=FRACTION),
     "prdp": dict(
-        group_size=at_least(2), beta=POSITIVE, eps=POSITIVE, refresh_every=at_least(1),
+        group_size=at_least(2), beta=POSITIVE, eps=POSITIVE,
         timestep_window=FRACTION, num_inner_epochs=at_least(1),
     ),
     "alignprop": dict(
