@@ -30,10 +30,9 @@ the record:
 
 import pytest
 import torch
+from golden.record import RECORD, compute  # tests/golden (pytest puts tests/ on sys.path)
+from golden.scenarios import SCENARIOS
 from safetensors.torch import load_file
-
-from tests.golden.record import RECORD, compute
-from tests.golden.scenarios import SCENARIOS
 
 TOLERANCE = dict(rtol=1e-6, atol=1e-6)
 
