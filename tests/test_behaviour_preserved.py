@@ -5,9 +5,9 @@ What is recorded (tests/golden/engine_v1.safetensors; scenarios in tests/golden/
 - sample_and_score: `diffusion-align sample` on the bundled shapes model (2 prompts x 2 seeds, 4 steps,
   batches of 3) as PNG pixels, then `diffusion-align score` on those PNGs (shapes_color_soft +
   0.5 x jpeg_compressibility): every row's component and total.
-- train_<ddpo|d3po|prdp|draft|alignprop>: one epoch through `train` on tiny-sd (4 samples, 2 steps, eta 1,
-  2 micro-batches of 2, eval before/after): the final LoRA weights, every numeric value of metrics.jsonl and
-  the summary's numbers (wall-clock keys excluded).
+- train_<ddpo|d3po|prdp|draft|draft_lv|alignprop>: one epoch through `train` on tiny-sd (4 samples,
+  2 steps, eta 1, 2 micro-batches of 2, eval before/after): the final LoRA weights, every numeric value of
+  metrics.jsonl and the summary's numbers (wall-clock keys excluded).
 - reno: 4 ReNO iterations on shapes: best image, best noise, image strip, best iteration, reward history.
 - best_of_n (jpeg_incompressibility, 5 seeds, batches of 2) and fk_steering (4 particles, 4 steps, CFG 3):
   the pick (best seed, reward, image), every candidate's reward and the reward-call count.

@@ -63,6 +63,7 @@ STRATEGIES = {
     "d3po": {"name": "d3po"},
     "prdp": {"name": "prdp", "group_size": 2, "num_inner_epochs": 2},
     "draft": {"name": "draft", "k": 1},
+    "draft_lv": {"name": "draft", "k": 1, "lv_draws": 2},
     "alignprop": {"name": "alignprop", "truncation": "uniform", "truncation_low": 0, "truncation_high": 2},
 }
 
