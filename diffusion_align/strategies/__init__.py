@@ -26,7 +26,9 @@
 
 `reward(images (B,3,H,W) in [0,1], prompts) -> (total (B,) float32, components dict[name, (B,)])`, with a
 `differentiable` attribute (AlignProp / DRaFT refuse a reward that is not).
-Shared math lives in `diffusion_align/losses.py` (pure functions); the sampling glue in `strategies/ddpo.py`.
+Shared math lives in `diffusion_align/losses.py` (pure functions); the sampling glue (groups, shared
+noise, per-sample generators, step plans, stored transitions) in `strategies/sampling.py`; no strategy imports
+another.
 """
 
 # name -> "module:Config" (lazy, so importing one strategy does not import all)
