@@ -23,7 +23,6 @@ Works alone (`diffusion-align train CONFIG`) and under `accelerate launch`. Conv
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from diffusion_align.prompts import load_prompts
 from diffusion_align.registry import build_backbone, build_policy, build_reward, custom_components
 from diffusion_align.rollout import rollout
 from diffusion_align.settings import Config
+from diffusion_align.strategies import strategy_class
 from diffusion_align.tracking import Tracker
 
 SUPPORTED_DISTRIBUTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA"}
@@ -57,19 +57,6 @@ def train(config: Config, overwrite: bool = False) -> dict:
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed from keys (train.seed, epoch, sample index, ...); distinct keys, unrelated seeds."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def strategy_class(strategy_config) -> type:
-    """The strategy class of a config object: same module, the config's class name without `Config`."""
-    cls_name = type(strategy_config).__name__.removesuffix("Config")
-    module = importlib.import_module(type(strategy_config).__module__)
-    cls = getattr(module, cls_name, None)
-    if cls is None:
-        raise UserError(
-            f"strategy config {type(strategy_config).__name__} has no strategy class {cls_name} next to it "
-            f"in {module.__name__}"
-        )
-    return cls
 
 
 class RecordingReward:

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "diffusion_align"
-STRATEGIES = PACKAGE / "strategies"
+STRATEGY_DIR = PACKAGE / "strategies"
 SHARED_HELPER = "diffusion_align.strategies.sampling"  # the one module every strategy may use
 # what a strategy, a sampler or the engine must never reach: training, configuration, commands
 ABOVE_METHODS = (
@@ -61,7 +61,7 @@ def reaches(imports: set[str], target: str) -> bool:
 
 
 def strategy_modules() -> list[Path]:
-    return [p for p in sorted(STRATEGIES.glob("*.py")) if p.name != "__init__.py"]
+    return [p for p in sorted(STRATEGY_DIR.glob("*.py")) if p.name != "__init__.py"]
 
 
 def test_the_reader_sees_every_kind_of_import(tmp_path):
@@ -115,7 +115,7 @@ def test_math_imports_only_errors_from_the_toolkit():
 
 @pytest.mark.parametrize("name", ["strategies"] + list(ENGINE))
 def test_methods_and_engine_do_not_reach_training_config_or_commands(name):
-    paths = strategy_modules() + [STRATEGIES / "__init__.py"] if name == "strategies" else [PACKAGE / name]
+    paths = strategy_modules() + [STRATEGY_DIR / "__init__.py"] if name == "strategies" else [PACKAGE / name]
     for path in paths:
         imports = imported_modules(path)
         bad = [target for target in ABOVE_METHODS if reaches(imports, target)]
