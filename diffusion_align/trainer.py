@@ -141,11 +141,8 @@ class Trainer:
             weight_decay=t.adam_weight_decay,
             eps=t.adam_epsilon,
         )
-        warmup = t.lr_warmup_steps
         # Not passed to accelerate.prepare: its scheduler wrapper steps once per process per step.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        )
+        self.scheduler = warmup_schedule(optimizer, t.lr_warmup_steps)
         self.optimizer = acc.prepare(optimizer)  # fp16 loss scaling lives in accelerate's wrapper
 
         if config.prompts.eval_images_per_prompt < 1:
@@ -305,6 +302,8 @@ class Trainer:
 
     def sync_gradients(self, bad: str | None, epoch: int, step_index: int) -> None:
         """Average the LoRA gradients over processes (one all-reduce) and agree on a non-finite loss."""
+        # Not accelerate's DDP wrapper + `accumulate`: strategies call the UNet through the backbone, several
+        # forwards per backward, which DDP's hooks do not support; this one flat reduce also carries the flag.
         if self.world > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             flat = torch.cat(
@@ -464,6 +463,8 @@ class Trainer:
             self.strategy.load_state_dict(torch.load(folder / "strategy.pt", weights_only=True))
         checkpointing.load_rng(folder, self.rank)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
+        if self.scheduler.last_epoch == self.global_step:  # saved before warmup_schedule (one step behind)
+            self.scheduler.last_epoch += 1
         self.seconds_before = state["seconds"]
         self.eval_before = state["eval_before"]
         self.history = state["history"]
@@ -528,16 +529,36 @@ class Trainer:
         return path
 
     def export_merged(self, directory: Path) -> Path:
-        """The LoRA merged into the UNet, saved as a full diffusers pipeline (removes the adapter here)."""
+        return export_merged(self.backbone, directory)
+
+
+def warmup_schedule(optimizer, warmup_steps: int):
+    """diffusers' constant_with_warmup schedule, started one step in: optimizer step k (from 1) runs at
+    min(1, k / warmup_steps) of the learning rate (never a step at 0, full rate from step warmup_steps), as
+    this trainer always has; diffusers' own start spends step 1 at rate 0."""
+    from diffusers.optimization import get_scheduler
+
+    for group in optimizer.param_groups:  # what a scheduler built with last_epoch >= 0 starts from
+        group.setdefault("initial_lr", group["lr"])
+    return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup_steps, last_epoch=0)
+
+
+def export_merged(backbone, directory: Path) -> Path:
+    """The LoRA merged into the UNet, saved as a full diffusers pipeline (removes the adapter here)."""
+    unet = backbone.unet
+    if hasattr(unet, "fuse_lora"):  # diffusers' PeftAdapterMixin: peft's merge of every LoRA layer
+        unet.fuse_lora()
+        unet.unload_lora()
+    else:  # UNet3DConditionModel (TextToVideoSD) lacks the mixin: the same peft merge and layer removal
+        from diffusers.utils import recurse_remove_peft_layers
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        unet = self.backbone.unet
         for module in unet.modules():
             if isinstance(module, BaseTunerLayer):
                 module.merge()
-        unet.unload_lora()
-        self.backbone.pipe.save_pretrained(directory)
-        return directory
+        recurse_remove_peft_layers(unet)
+    backbone.pipe.save_pretrained(directory)
+    return directory
 
 
 def _mean_dicts(items: list[dict[str, float]]) -> dict[str, float]:
