@@ -163,6 +163,8 @@ class Trainer:
             self._load(self.resume_from)
         if self.is_main:  # the config is valid: everything it names is built
             run_folder.write_start(config, self.folder_start, custom_components(config))
+        # Ours, not accelerate's init_trackers/log: those write TensorBoard/wandb only, while metrics.jsonl
+        # (cut back to the checkpoint on resume) is the run's record that resume and the tests read.
         self.tracker = Tracker(
             self.run_dir,
             tensorboard=config.logging.tensorboard,
