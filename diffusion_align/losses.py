@@ -115,12 +115,6 @@ def group_pairs(group_ids: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(swap, j, i), torch.where(swap, i, j)
 
 
-def gaussian_kl_step(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
-    """KL(pi_theta || pi_ref) of one Gaussian transition with shared std, mean over latent dims, (B,)."""
-    kl = (mean.float() - ref_mean.float().detach()) ** 2 / (2 * std.float() ** 2)
-    return kl.mean(dim=tuple(range(1, kl.ndim)))
-
-
 def sample_truncation(
     num_steps: int,
     kind: str = "gaussian",

@@ -90,10 +90,3 @@ def rollout(
         x0=x_t,
         images=images,
     )
-
-
-def transitions_at(traj: Trajectory, steps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Stored (x_t, x_prev, t) of each sample at its own step index. steps: (B,) int64 in [0, S)."""
-    rows = torch.arange(traj.latents.shape[0], device=steps.device)
-    t = traj.timesteps[steps.to(traj.timesteps.device)]
-    return traj.latents[rows, steps], traj.latents[rows, steps + 1], t

@@ -100,6 +100,7 @@ def gaussian_log_prob(x_prev: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 def gaussian_kl(mean_p: Tensor, mean_q: Tensor, std: Tensor) -> Tensor:
-    """KL(N(mean_p, std^2) || N(mean_q, std^2)) per sample, averaged over non-batch dims (same convention)."""
-    kl = (mean_p.float() - mean_q.float()) ** 2 / (2 * std**2)
+    """KL(N(mean_p, std^2) || N(mean_q, std^2)) per sample, averaged over non-batch dims (same convention),
+    in float32: DDPO's per-step KL(pi_theta || pi_ref) with `mean_q` the reference's mean."""
+    kl = (mean_p.float() - mean_q.float()) ** 2 / (2 * std.float() ** 2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))

@@ -23,7 +23,6 @@ Works alone (`diffusion-align train CONFIG`) and under `accelerate launch`. Conv
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from diffusion_align.prompts import load_prompts
 from diffusion_align.registry import build_backbone, build_policy, build_reward, custom_components
 from diffusion_align.rollout import rollout
 from diffusion_align.settings import Config
+from diffusion_align.strategies import strategy_class
 from diffusion_align.tracking import Tracker
 
 SUPPORTED_DISTRIBUTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA"}
@@ -57,19 +57,6 @@ def train(config: Config, overwrite: bool = False) -> dict:
 def derive_seed(*keys: int) -> int:
     """A 63-bit seed from keys (train.seed, epoch, sample index, ...); distinct keys, unrelated seeds."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def strategy_class(strategy_config) -> type:
-    """The strategy class of a config object: same module, the config's class name without `Config`."""
-    cls_name = type(strategy_config).__name__.removesuffix("Config")
-    module = importlib.import_module(type(strategy_config).__module__)
-    cls = getattr(module, cls_name, None)
-    if cls is None:
-        raise UserError(
-            f"strategy config {type(strategy_config).__name__} has no strategy class {cls_name} next to it "
-            f"in {module.__name__}"
-        )
-    return cls
 
 
 class RecordingReward:
@@ -154,11 +141,8 @@ class Trainer:
             weight_decay=t.adam_weight_decay,
             eps=t.adam_epsilon,
         )
-        warmup = t.lr_warmup_steps
         # Not passed to accelerate.prepare: its scheduler wrapper steps once per process per step.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        )
+        self.scheduler = warmup_schedule(optimizer, t.lr_warmup_steps)
         self.optimizer = acc.prepare(optimizer)  # fp16 loss scaling lives in accelerate's wrapper
 
         if config.prompts.eval_images_per_prompt < 1:
@@ -179,6 +163,8 @@ class Trainer:
             self._load(self.resume_from)
         if self.is_main:  # the config is valid: everything it names is built
             run_folder.write_start(config, self.folder_start, custom_components(config))
+        # Ours, not accelerate's init_trackers/log: those write TensorBoard/wandb only, while metrics.jsonl
+        # (cut back to the checkpoint on resume) is the run's record that resume and the tests read.
         self.tracker = Tracker(
             self.run_dir,
             tensorboard=config.logging.tensorboard,
@@ -318,6 +304,8 @@ class Trainer:
 
     def sync_gradients(self, bad: str | None, epoch: int, step_index: int) -> None:
         """Average the LoRA gradients over processes (one all-reduce) and agree on a non-finite loss."""
+        # Not accelerate's DDP wrapper + `accumulate`: strategies call the UNet through the backbone, several
+        # forwards per backward, which DDP's hooks do not support; this one flat reduce also carries the flag.
         if self.world > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             flat = torch.cat(
@@ -477,6 +465,8 @@ class Trainer:
             self.strategy.load_state_dict(torch.load(folder / "strategy.pt", weights_only=True))
         checkpointing.load_rng(folder, self.rank)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
+        if self.scheduler.last_epoch == self.global_step:  # saved before warmup_schedule (one step behind)
+            self.scheduler.last_epoch += 1
         self.seconds_before = state["seconds"]
         self.eval_before = state["eval_before"]
         self.history = state["history"]
@@ -541,16 +531,36 @@ class Trainer:
         return path
 
     def export_merged(self, directory: Path) -> Path:
-        """The LoRA merged into the UNet, saved as a full diffusers pipeline (removes the adapter here)."""
+        return export_merged(self.backbone, directory)
+
+
+def warmup_schedule(optimizer, warmup_steps: int):
+    """diffusers' constant_with_warmup schedule, started one step in: optimizer step k (from 1) runs at
+    min(1, k / warmup_steps) of the learning rate (never a step at 0, full rate from step warmup_steps), as
+    this trainer always has; diffusers' own start spends step 1 at rate 0."""
+    from diffusers.optimization import get_scheduler
+
+    for group in optimizer.param_groups:  # what a scheduler built with last_epoch >= 0 starts from
+        group.setdefault("initial_lr", group["lr"])
+    return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup_steps, last_epoch=0)
+
+
+def export_merged(backbone, directory: Path) -> Path:
+    """The LoRA merged into the UNet, saved as a full diffusers pipeline (removes the adapter here)."""
+    unet = backbone.unet
+    if hasattr(unet, "fuse_lora"):  # diffusers' PeftAdapterMixin: peft's merge of every LoRA layer
+        unet.fuse_lora()
+        unet.unload_lora()
+    else:  # UNet3DConditionModel (TextToVideoSD) lacks the mixin: the same peft merge and layer removal
+        from diffusers.utils import recurse_remove_peft_layers
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        unet = self.backbone.unet
         for module in unet.modules():
             if isinstance(module, BaseTunerLayer):
                 module.merge()
-        unet.unload_lora()
-        self.backbone.pipe.save_pretrained(directory)
-        return directory
+        recurse_remove_peft_layers(unet)
+    backbone.pipe.save_pretrained(directory)
+    return directory
 
 
 def _mean_dicts(items: list[dict[str, float]]) -> dict[str, float]:

@@ -8,7 +8,6 @@ import torch
 from diffusion_align.losses import (
     clip_advantages,
     d3po_loss,
-    gaussian_kl_step,
     group_pairs,
     ppo_clip_loss,
     prdp_loss,
@@ -143,11 +142,6 @@ def test_group_pairs_within_groups_winner_first_without_ties():
     # group 0: rewards 1, 2, 2 -> (1, 0), (2, 0); (1, 2) tie dropped.  group 1: 5, 3 -> (3, 4)
     first, second = group_pairs(torch.tensor([0, 0, 0, 1, 1]), torch.tensor([1.0, 2.0, 2.0, 5.0, 3.0]))
     assert sorted(zip(first.tolist(), second.tolist(), strict=True)) == [(1, 0), (2, 0), (3, 4)]
-
-
-def test_gaussian_kl_step():
-    # ((1 - 0)^2 / 8 + (2 - 0)^2 / 8) / 2 = 0.3125
-    assert close(gaussian_kl_step(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2), torch.tensor(2.0)), [0.3125])
 
 
 def test_alignprop_truncation_distribution():

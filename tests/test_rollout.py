@@ -5,8 +5,9 @@ import torch
 
 from diffusion_align.backbones import StableDiffusionBackbone
 from diffusion_align.policy import Policy
-from diffusion_align.rollout import rollout, transitions_at
+from diffusion_align.rollout import rollout
 from diffusion_align.samplers import DDIMSampler
+from diffusion_align.strategies.sampling import transition_inputs
 
 PROMPTS = ["a red circle", "two small blue squares on the left"]
 
@@ -80,7 +81,8 @@ def test_recomputed_log_prob_equals_stored_with_guidance(pipe_name, request):
     with torch.no_grad():
         for step in range(5):
             steps = torch.tensor([step, 4 - step])
-            x_t, x_prev, t = transitions_at(traj, steps)
+            stored = {"latents": traj.latents, "timesteps": traj.timesteps, "embeds": embeds}
+            x_t, x_prev, t, _ = transition_inputs(stored, torch.arange(2), steps)
             log_prob = policy.log_prob(x_t, x_prev, t, embeds, 5.0, 5)
             ratio = torch.exp(log_prob - traj.log_probs[torch.arange(2), steps])
             assert (ratio - 1).abs().max() <= 1e-6

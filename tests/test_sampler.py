@@ -68,3 +68,7 @@ def test_kl_zero_for_equal_means_and_matches_closed_form():
     kl = gaussian_kl(m, m + 0.05, std)
     torch.testing.assert_close(kl, torch.full((2,), 0.05**2 / (2 * 0.01)))
     assert math.isfinite(kl.sum().item())
+    # ((1 - 0)^2 / 8 + (2 - 0)^2 / 8) / 2 = 0.3125, with a scalar std
+    torch.testing.assert_close(
+        gaussian_kl(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2), torch.tensor(2.0)), torch.tensor([0.3125])
+    )

@@ -16,9 +16,10 @@ from diffusion_align.policy import Policy
 from diffusion_align.samplers import DDIMSampler
 from diffusion_align.settings import SampleSettings
 from diffusion_align.strategies.d3po import D3PO, D3POConfig, render_pairs
-from diffusion_align.strategies.ddpo import DDPO, DDPOConfig, transition_inputs
+from diffusion_align.strategies.ddpo import DDPO, DDPOConfig
 from diffusion_align.strategies.prdp import PRDP, PRDPConfig
 from diffusion_align.strategies.reward_backprop import AlignProp, AlignPropConfig, DRaFT, DRaFTConfig
+from diffusion_align.strategies.sampling import transition_inputs
 from diffusion_align.testing import tiny_sd
 from rewards.combine import Combined
 

@@ -21,7 +21,7 @@ from diffusion_align.errors import UserError
 from diffusion_align.registry import build_reward
 from diffusion_align.rollout import rollout
 from diffusion_align.settings import RewardSettings
-from diffusion_align.strategies import STRATEGY_CONFIGS
+from diffusion_align.strategies import STRATEGIES
 from diffusion_align.trainer import train
 from rewards.jpeg import JpegCompressibility
 
@@ -120,9 +120,9 @@ class NaNAfterFirstCall(JpegCompressibility):
 
 def register_toy():
     """Put the toy first among the strategy variants (config saving looks the class up by name)."""
-    items = list(STRATEGY_CONFIGS.items())
-    STRATEGY_CONFIGS.clear()
-    STRATEGY_CONFIGS.update({"toy": f"{__name__}:ToyConfig", **dict(items)})
+    items = list(STRATEGIES.items())
+    STRATEGIES.clear()
+    STRATEGIES.update({"toy": (f"{__name__}:ToyConfig", f"{__name__}:Toy"), **dict(items)})
     return items
 
 
@@ -130,8 +130,8 @@ def register_toy():
 def toy():
     items = register_toy()
     yield
-    STRATEGY_CONFIGS.clear()
-    STRATEGY_CONFIGS.update(dict(items))
+    STRATEGIES.clear()
+    STRATEGIES.update(dict(items))
 
 
 def tiny_config(out, strategy="toy", **overrides):
@@ -323,7 +323,7 @@ def test_sigkill_inside_checkpoint_write_keeps_previous(tmp_path):
             tiny_config(out, **{"train.epochs": 3, "logging.eval_every": 0, "checkpoint.resume": "latest"})
         )
     finally:
-        STRATEGY_CONFIGS.pop("toy")
+        STRATEGIES.pop("toy")
     assert summary["epochs"] == 3 and not marker.parent.exists()
     assert [p.name for p in checkpointing.list_checkpoints(out / "checkpoints")][-1] == "checkpoint-000003"
     assert max_diff(before, lora_of(out / "lora")) > 0  # it trained on from there

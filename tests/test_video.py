@@ -11,8 +11,9 @@ import torch
 from diffusion_align.backbones import StableDiffusionBackbone, VideoBackbone, load_backbone
 from diffusion_align.errors import UserError
 from diffusion_align.policy import Policy
-from diffusion_align.rollout import rollout, transitions_at
+from diffusion_align.rollout import rollout
 from diffusion_align.samplers import DDIMSampler
+from diffusion_align.strategies.sampling import transition_inputs
 from diffusion_align.testing_video import TINY_VIDEO_PIPELINES, tiny_animatediff
 from diffusion_align.videos import save_videos, write_gif, write_mp4
 from rewards.shapes import ShapesColorSoftReward
@@ -144,7 +145,8 @@ def test_ddpo_log_prob_recomputes_exactly_on_video(name):
         assert traj.log_probs.shape == (2, 3)
         for step in range(3):
             steps = torch.tensor([step, 2 - step])
-            x_t, x_prev, t = transitions_at(traj, steps)
+            stored = {"latents": traj.latents, "timesteps": traj.timesteps, "embeds": embeds}
+            x_t, x_prev, t, _ = transition_inputs(stored, torch.arange(2), steps)
             log_prob = policy.log_prob(x_t, x_prev, t, embeds, 5.0, 3)
             ratio = torch.exp(log_prob - traj.log_probs[torch.arange(2), steps])
             assert (ratio - 1).abs().max() <= 1e-6

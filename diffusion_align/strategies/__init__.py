@@ -26,14 +26,69 @@
 
 `reward(images (B,3,H,W) in [0,1], prompts) -> (total (B,) float32, components dict[name, (B,)])`, with a
 `differentiable` attribute (AlignProp / DRaFT refuse a reward that is not).
-Shared math lives in `diffusion_align/losses.py` (pure functions); the sampling glue in `strategies/ddpo.py`.
+Shared math lives in `diffusion_align/losses.py` (pure functions); the sampling glue (groups, shared
+noise, per-sample generators, step plans, stored transitions) in `strategies/sampling.py`; no strategy imports
+another.
 """
 
-# name -> "module:Config" (lazy, so importing one strategy does not import all)
-STRATEGY_CONFIGS = {
-    "ddpo": "diffusion_align.strategies.ddpo:DDPOConfig",
-    "d3po": "diffusion_align.strategies.d3po:D3POConfig",
-    "alignprop": "diffusion_align.strategies.reward_backprop:AlignPropConfig",
-    "draft": "diffusion_align.strategies.reward_backprop:DRaFTConfig",
-    "prdp": "diffusion_align.strategies.prdp:PRDPConfig",
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+
+from diffusion_align.errors import UserError
+
+# name -> (config class, strategy class), as "module:attr" references imported on first use, so reading a
+# config imports only the strategy it names.
+STRATEGIES: dict[str, tuple[str, str]] = {
+    "ddpo": ("diffusion_align.strategies.ddpo:DDPOConfig", "diffusion_align.strategies.ddpo:DDPO"),
+    "d3po": ("diffusion_align.strategies.d3po:D3POConfig", "diffusion_align.strategies.d3po:D3PO"),
+    "alignprop": (
+        "diffusion_align.strategies.reward_backprop:AlignPropConfig",
+        "diffusion_align.strategies.reward_backprop:AlignProp",
+    ),
+    "draft": (
+        "diffusion_align.strategies.reward_backprop:DRaFTConfig",
+        "diffusion_align.strategies.reward_backprop:DRaFT",
+    ),
+    "prdp": ("diffusion_align.strategies.prdp:PRDPConfig", "diffusion_align.strategies.prdp:PRDP"),
 }
+
+
+class _ConfigColumn(Mapping):
+    """name -> config reference, a live view of STRATEGIES (what the config reader's VARIANTS takes)."""
+
+    def __getitem__(self, name: str) -> str:
+        return STRATEGIES[name][0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(STRATEGIES)
+
+    def __len__(self) -> int:
+        return len(STRATEGIES)
+
+
+STRATEGY_CONFIGS: Mapping[str, str] = _ConfigColumn()
+
+
+def strategy_class(config) -> type:
+    """The strategy class of a config object: its STRATEGIES entry, or for a config given as
+    `package.module:ConfigClass` (not in the table) the class of the same name without `Config` next to it."""
+    ref = f"{type(config).__module__}:{type(config).__qualname__}"
+    for config_ref, class_ref in STRATEGIES.values():
+        if config_ref == ref:
+            return _load(class_ref)
+    module = importlib.import_module(type(config).__module__)
+    name = type(config).__name__.removesuffix("Config")
+    cls = getattr(module, name, None)
+    if cls is None:
+        raise UserError(
+            f"strategy config {type(config).__name__} has no strategy class {name} next to it in "
+            f"{module.__name__}"
+        )
+    return cls
+
+
+def _load(ref: str):
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)

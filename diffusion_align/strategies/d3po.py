@@ -29,7 +29,7 @@ from torch import Tensor
 from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
 from diffusion_align.losses import d3po_loss, preference_pairs
-from diffusion_align.strategies.ddpo import (
+from diffusion_align.strategies.sampling import (
     image_size,
     per_sample_generators,
     sample_batch,

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
 from diffusion_align.losses import sample_truncation
-from diffusion_align.strategies.ddpo import per_sample_generators, sample_batch, step_rows
+from diffusion_align.strategies.sampling import per_sample_generators, sample_batch, step_rows
 
 
 @dataclass

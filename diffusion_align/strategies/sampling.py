@@ -1,0 +1,162 @@
+"""Sampling glue shared by every strategy: prompt groups, shared initial noise, per-sample generators, the
+no-grad rollouts of a batch (`sample_batch`), step plans, and the stored transitions a loss re-scores.
+
+Strategies import from here and from `losses`/`samplers`, never from each other (tests/test_architecture.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffusion_align.backbones.stable_diffusion import PromptEmbeds
+from diffusion_align.errors import UserError
+from diffusion_align.rollout import rollout
+
+
+def grouped_prompts(prompts: list[str], size: int, who: str) -> list[str]:
+    """Group g is prompts[g * size] repeated `size` times (each image still gets its own noise)."""
+    if len(prompts) % size:
+        raise UserError(
+            f"{who}: samples per process ({len(prompts)}) must be a multiple of strategy.group_size={size}"
+        )
+    return [p for p in prompts[0::size] for _ in range(size)]
+
+
+def sample_groups(strategy, prompts: list[str], generator, size: int, share_noise: bool, who: str) -> dict:
+    """`sample_batch` of groups: prompts[g * size] repeated `size` times, each image with its own step noise
+    and, unless `share_noise`, its own x_T."""
+    grouped = grouped_prompts(prompts, size, who)
+    gens = per_sample_generators(generator, len(grouped), strategy.policy.backbone.device)
+    x_T = shared_initial_noise(strategy.policy, strategy.sample, gens, size) if share_noise else None
+    return sample_batch(strategy.policy, strategy.reward, strategy.sample, grouped, gens, x_T)
+
+
+def shared_initial_noise(policy, sample, gens: list, size: int) -> Tensor:
+    """x_T (N, C, h, w) shared by each run of `size` consecutive samples (D3PO's pairs, DanceGRPO's
+    init_same_noise): drawn from the run's first generator, which then also draws that sample's step noise."""
+    backbone = policy.backbone
+    x_T = [backbone.initial_noise(1, [g], image_size(sample)) for g in gens[0::size]]
+    return torch.cat(x_T).repeat_interleave(size, 0)
+
+
+def window_steps(num_steps: int, window: float) -> int:
+    """How many leading (noisiest) steps of a `num_steps` chain a `timestep_window` share covers (>= 1)."""
+    return max(1, round(num_steps * window))
+
+
+def trained_steps(count: int, num_steps: int, window: float, fraction: float, generator) -> Tensor:
+    """(count, trained) step indices: for each sample its own random permutation of the first `window` share
+    of the chain's steps (noisiest first), cut to `fraction` of them."""
+    usable = window_steps(num_steps, window)
+    trained = max(1, int(usable * fraction))
+    perms = [torch.randperm(usable, generator=generator)[:trained] for _ in range(count)]
+    return torch.stack(perms) if perms else torch.zeros(0, trained, dtype=torch.long)
+
+
+def per_sample_generators(generator, n: int, device) -> list[torch.Generator]:
+    """One noise stream per sample (the trainer passes such a list); a single generator is split into n seeds,
+    so a sample's noise never depends on how the batch is chunked."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"{len(generator)} generators for {n} samples")
+        return list(generator)
+    seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+    return [torch.Generator(device).manual_seed(s) for s in seeds]
+
+
+def encode(policy, sample, prompts: list[str]) -> PromptEmbeds:
+    return policy.backbone.encode_prompts(
+        prompts, sample.negative_prompt, guidance=sample.guidance_scale > 1, size=image_size(sample)
+    )
+
+
+def image_size(sample) -> tuple[int, int] | None:
+    return (sample.height, sample.width) if sample.height and sample.width else None
+
+
+@torch.no_grad()
+def sample_batch(
+    policy,
+    reward,
+    sample,
+    prompts: list[str],
+    generator,
+    x_T: Tensor | None = None,
+    keep_images: bool = False,
+) -> dict:
+    """Rollouts of `prompts` in chunks of sample.batch_size, scored by `reward`.
+
+    Returns {"prompts", "embeds": PromptEmbeds (N, ...), "latents": (N, S+1, C, h, w), "log_probs": (N, S),
+    "timesteps": (S,), "reward": (N,), "components": {name: (N,)}, "metrics": {...}}. `x_T` (N, C, h, w)
+    overrides the initial noise (D3PO pairs); otherwise each sample's generator draws it first. `keep_images`
+    adds "images" (N, 3, H, W) in [0, 1].
+    """
+    backbone, n = policy.backbone, len(prompts)
+    gens = per_sample_generators(generator, n, backbone.device)
+    embeds, latents, log_probs, totals, parts, images = [], [], [], [], [], []
+    for start in range(0, n, sample.batch_size):
+        chunk = slice(start, min(n, start + sample.batch_size))
+        chunk_prompts, chunk_gens = prompts[chunk], gens[chunk]
+        e = encode(policy, sample, chunk_prompts)
+        noise = (
+            backbone.initial_noise(len(chunk_prompts), chunk_gens, image_size(sample))
+            if x_T is None
+            else x_T[chunk]
+        )
+        traj = rollout(
+            backbone,
+            policy.sampler,
+            e,
+            noise,
+            sample.num_steps,
+            sample.guidance_scale,
+            sample.eta,
+            generator=chunk_gens,
+        )
+        total, components = reward(traj.images, chunk_prompts)
+        embeds.append(e)
+        latents.append(traj.latents)
+        log_probs.append(traj.log_probs)
+        if keep_images:
+            images.append(traj.images)
+        totals.append(total.detach().float())
+        parts.append({k: v.detach().float() for k, v in components.items()})
+        timesteps = traj.timesteps
+    total = torch.cat(totals)
+    components = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    metrics = {"reward_mean": total.mean().item(), "reward_std": total.std().item() if n > 1 else 0.0}
+    metrics.update({f"reward_{k}": v.mean().item() for k, v in components.items()})
+    batch = {
+        "prompts": list(prompts),
+        "embeds": PromptEmbeds.cat(embeds),
+        "latents": torch.cat(latents),
+        "log_probs": torch.cat(log_probs) if log_probs[0] is not None else None,
+        "timesteps": timesteps,
+        "reward": total,
+        "components": components,
+        "metrics": metrics,
+    }
+    if keep_images:
+        batch["images"] = torch.cat(images)
+    return batch
+
+
+def step_rows(order: Tensor, batch_size: int) -> list[Tensor]:
+    """Consecutive full batches of `order` (a remainder smaller than batch_size is dropped, as in DDPO);
+    the whole of `order` when it holds less than one batch."""
+    if len(order) < batch_size:
+        return [order]
+    return [order[s : s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def transition_inputs(batch: dict, rows: Tensor, steps: Tensor):
+    """Stored (x_t, x_prev, t, embeds) of samples `rows`, each at its own step index `steps`."""
+    latents = batch["latents"]
+    r, s = _on(rows, latents), _on(steps, latents)
+    t = batch["timesteps"].to(latents.device)[s]
+    return latents[r, s], latents[r, s + 1], t, batch["embeds"][r]
+
+
+def _on(index: Tensor, like: Tensor) -> Tensor:
+    return index.to(like.device)

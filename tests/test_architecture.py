@@ -1,0 +1,127 @@
+"""The import graph, read from the source with `ast` (nothing is imported): strategies stay independent of
+each other, and imports run one way, rewards <- math <- engine <- strategies <- training/config/commands."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "diffusion_align"
+STRATEGY_DIR = PACKAGE / "strategies"
+SHARED_HELPER = "diffusion_align.strategies.sampling"  # the one module every strategy may use
+# what a strategy, a sampler or the engine must never reach: training, configuration, commands
+ABOVE_METHODS = (
+    "diffusion_align.trainer",
+    "diffusion_align.commands",
+    "diffusion_align.cli",
+    "diffusion_align.settings",
+    "diffusion_align.config",
+    "diffusion_align.config_changes",
+    "diffusion_align.registry",
+    "diffusion_align.run_folder",
+    "diffusion_align.checkpointing",
+    "diffusion_align.tracking",
+)
+ENGINE = (
+    "rollout.py",
+    "policy.py",
+    "backbones/__init__.py",
+    "backbones/stable_diffusion.py",
+    "backbones/video.py",
+)
+
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
+    """Every module `path` imports, at any depth (function-level imports too); `from m import x` counts as
+    m and m.x (x may be a submodule). Relative imports are resolved against the file's package."""
+    name = module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    return found
+
+
+def reaches(imports: set[str], target: str) -> bool:
+    return any(m == target or m.startswith(target + ".") for m in imports)
+
+
+def strategy_modules() -> list[Path]:
+    return [p for p in sorted(STRATEGY_DIR.glob("*.py")) if p.name != "__init__.py"]
+
+
+def test_the_reader_sees_every_kind_of_import(tmp_path):
+    """The checker itself: absolute, from-, relative and function-level imports are all found."""
+    pkg = tmp_path / "diffusion_align" / "strategies"
+    pkg.mkdir(parents=True)
+    source = pkg / "x.py"
+    source.write_text(
+        "import diffusion_align.trainer\nfrom . import ddpo\nfrom .d3po import D3PO\n"
+        "def f():\n    from diffusion_align.strategies.prdp import PRDP\n"
+    )
+    found = imported_modules(source, root=tmp_path)
+    for name in (
+        "diffusion_align.trainer",
+        "diffusion_align.strategies.ddpo",
+        "diffusion_align.strategies.d3po",
+    ):
+        assert name in found
+    assert reaches(found, "diffusion_align.strategies.prdp")
+
+
+@pytest.mark.parametrize("path", strategy_modules(), ids=lambda p: p.stem)
+def test_no_strategy_imports_another_strategy(path):
+    others = {module_name(p) for p in strategy_modules()} - {module_name(path), SHARED_HELPER}
+    bad = sorted(o for o in others if reaches(imported_modules(path), o))
+    assert not bad, (
+        f"{module_name(path)} imports strategy module(s) {bad}; shared code goes in {SHARED_HELPER}"
+    )
+
+
+def test_the_shared_helper_imports_no_strategy():
+    own = {module_name(p) for p in strategy_modules()} - {SHARED_HELPER}
+    path = PACKAGE / "strategies" / "sampling.py"
+    assert not sorted(o for o in own if reaches(imported_modules(path), o))
+
+
+def test_rewards_import_nothing_from_the_toolkit():
+    bad = {
+        str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if reaches({m}, "diffusion_align"))
+        for p in sorted((ROOT / "rewards").rglob("*.py"))
+    }
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_math_imports_only_errors_from_the_toolkit():
+    for name in ("samplers.py", "losses.py"):
+        path = PACKAGE / name
+        bad = [m for m in imported_modules(path) if reaches({m}, "diffusion_align")]
+        assert all(reaches({m}, "diffusion_align.errors") for m in bad), (name, bad)
+
+
+@pytest.mark.parametrize("name", ["strategies"] + list(ENGINE))
+def test_methods_and_engine_do_not_reach_training_config_or_commands(name):
+    paths = strategy_modules() + [STRATEGY_DIR / "__init__.py"] if name == "strategies" else [PACKAGE / name]
+    for path in paths:
+        imports = imported_modules(path)
+        bad = [target for target in ABOVE_METHODS if reaches(imports, target)]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_engine_does_not_reach_strategies():
+    for name in ENGINE:
+        assert not reaches(imported_modules(PACKAGE / name), "diffusion_align.strategies"), name
