@@ -33,7 +33,7 @@ def build(model: str, strategy: str, steps: int, samples: int, device: str, extr
     from diffusion_align.config import load_config
     from diffusion_align.distributed import LocalGroup
     from diffusion_align.registry import build_backbone, build_policy, build_reward
-    from diffusion_align.trainer import strategy_class
+    from diffusion_align.strategies import strategy_class
 
     reward = "shapes_color_soft" if strategy in ("alignprop", "draft") else "jpeg_compressibility"
     s_cfg = {"name": strategy, **(extra or {})}
