@@ -1,4 +1,6 @@
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,3 +21,23 @@ def sdxl():
     from diffusion_align.testing import tiny_sdxl
 
     return tiny_sdxl()
+
+
+# A finished 2-epoch DDPO run on tiny-sd (DDPO: a strategy.pt too) with checkpoints 1 and 2, built once for
+# the resume and run-folder tests; each test works on its own copy.
+RUN_SETTINGS = {"train.epochs": 2, "checkpoint.every": 1, "checkpoint.keep_last": 3, "logging.eval_every": 0}
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    from test_trainer import tiny_config
+
+    from diffusion_align.trainer import train
+
+    run = tmp_path_factory.mktemp("base") / "run"
+    train(tiny_config(run, "ddpo", **RUN_SETTINGS))
+    return run
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))

@@ -3,30 +3,17 @@ to the newest intact checkpoint with a one-line warning and ends exactly where a
 torn metrics line does not block resume and the final evaluation is logged once. Tiny DDPO runs (tiny-sd)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import RUN_SETTINGS as SETTINGS
+from conftest import copy_of
 from test_trainer import LORA, lora_of, max_diff, tiny_config
 
 from diffusion_align import checkpointing
 from diffusion_align.errors import UserError
 from diffusion_align.trainer import train
-
-SETTINGS = {"train.epochs": 2, "checkpoint.every": 1, "checkpoint.keep_last": 3, "logging.eval_every": 0}
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """A finished 2-epoch DDPO run (DDPO: a strategy.pt too) with checkpoints 1 and 2."""
-    run = tmp_path_factory.mktemp("base") / "run"
-    train(tiny_config(run, "ddpo", **SETTINGS))
-    return run
-
-
-def copy_of(run: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run, tmp_path / "run"))
 
 
 def truncate(path: Path) -> None:

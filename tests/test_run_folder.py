@@ -3,11 +3,12 @@ before the config is valid, a resume keeps every setting that alters the math (a
 code named by the config (`module:attr`) is logged with its file. Tiny runs on tiny-sd."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import RUN_SETTINGS as SETTINGS
+from conftest import copy_of
 from test_trainer import ToyConfig, tiny_config
 
 from diffusion_align import checkpointing
@@ -17,22 +18,9 @@ from diffusion_align.trainer import train
 from rewards.errors import RewardError
 from rewards.jpeg import JpegCompressibility
 
-SETTINGS = {"train.epochs": 2, "checkpoint.every": 1, "checkpoint.keep_last": 3, "logging.eval_every": 0}
-
 
 class CustomJpeg(JpegCompressibility):
     """A reward that is not registered: named in a config as `test_run_folder:CustomJpeg`."""
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("base") / "run"
-    train(tiny_config(run, "ddpo", **SETTINGS))
-    return run
-
-
-def copy_of(run: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run, tmp_path / "run"))
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
