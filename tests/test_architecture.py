@@ -125,3 +125,82 @@ def test_methods_and_engine_do_not_reach_training_config_or_commands(name):
 def test_engine_does_not_reach_strategies():
     for name in ENGINE:
         assert not reaches(imported_modules(PACKAGE / name), "diffusion_align.strategies"), name
+
+
+# Build-only code of the bundled models: the recipe that trains them, their eval, card, model builders and
+# data generator. Only `diffusion-align zoo build|eval` (commands/zoo.py) and the zoo package itself import it; the
+# runtime knows a bundled model's name, folder and prompt lists through `diffusion_align.bundled`.
+BUILD_ONLY_PACKAGE = "diffusion_align.zoo"
+BUILD_ONLY_MODULES = ("shapes_recipe", "shapes_eval", "shapes_card", "shapes_models", "shapes_data")
+BUILD_ONLY_USERS = (PACKAGE / "commands" / "zoo.py",)
+
+
+def test_build_only_list_names_every_zoo_module():
+    found = {p.stem for p in (PACKAGE / "zoo").glob("*.py")} - {"__init__"}
+    assert found == set(BUILD_ONLY_MODULES), "a new zoo module is build-only: add it to BUILD_ONLY_MODULES"
+
+
+def test_only_the_zoo_command_imports_build_only_code():
+    runtime = [
+        p
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if (PACKAGE / "zoo") not in p.parents and p not in BUILD_ONLY_USERS
+    ]
+    bad = {
+        str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if reaches({m}, BUILD_ONLY_PACKAGE))
+        for p in runtime
+    }
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, f"runtime modules import build-only zoo code (use diffusion_align.bundled): {bad}"
+
+
+def import_graph(root: Path = ROOT, packages=("diffusion_align", "rewards")) -> dict[str, set[str]]:
+    """module -> the package modules it imports (module- and function-level), read with ast."""
+    paths = {module_name(p, root): p for pkg in packages for p in sorted((root / pkg).rglob("*.py"))}
+    return {name: imported_modules(path, root) & set(paths) - {name} for name, path in paths.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as [a, b, ..., a], or None: depth-first search, a back edge to a module on the
+    current path closes a cycle."""
+    done, path, on_path = set(), [], set()
+
+    def visit(node):
+        path.append(node)
+        on_path.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt in on_path:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in done and (cycle := visit(nxt)):
+                return cycle
+        on_path.discard(path.pop())
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        if start not in done and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_function_level_cycle(tmp_path):
+    pkg = tmp_path / "diffusion_align"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from diffusion_align import b\n")
+    (pkg / "b.py").write_text("def f():\n    from diffusion_align.c import x\n")
+    (pkg / "c.py").write_text("import diffusion_align.a\n")
+    graph = import_graph(tmp_path, packages=("diffusion_align",))
+    assert find_cycle(graph) == [
+        "diffusion_align.a",
+        "diffusion_align.b",
+        "diffusion_align.c",
+        "diffusion_align.a",
+    ]
+    (pkg / "c.py").write_text("x = 1\n")
+    assert find_cycle(import_graph(tmp_path, packages=("diffusion_align",))) is None
+
+
+def test_the_package_has_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}; imports must run one way"
