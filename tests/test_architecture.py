@@ -128,8 +128,8 @@ def test_engine_does_not_reach_strategies():
 
 
 # Build-only code of the bundled models: the recipe that trains them, their eval, card, model builders and
-# data generator. Only `diffusion-align zoo build|eval` (commands/zoo.py) and the zoo package itself import it; the
-# runtime knows a bundled model's name, folder and prompt lists through `diffusion_align.bundled`.
+# data generator. Only `diffusion-align zoo build|eval` (commands/zoo.py) and the zoo package itself import
+# it; the runtime knows a bundled model's name, folder and prompt lists through `diffusion_align.bundled`.
 BUILD_ONLY_PACKAGE = "diffusion_align.zoo"
 BUILD_ONLY_MODULES = ("shapes_recipe", "shapes_eval", "shapes_card", "shapes_models", "shapes_data")
 BUILD_ONLY_USERS = (PACKAGE / "commands" / "zoo.py",)
