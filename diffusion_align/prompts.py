@@ -5,9 +5,9 @@
     load_prompt_records("data.jsonl")     # [{"prompt": ..., <any metadata>}, ...]
 
 Built-in lists:
-- `shapes_train` / `shapes_heldout`: captions of the synthetic shapes world
-  (`diffusion_align.zoo.shapes_data`): every training scene's caption, and the fixed held-out list
-  (combinations never seen in training).
+- `shapes_train` / `shapes_heldout`: captions of the synthetic shapes world the bundled `shapes` model was
+  trained on: every training scene's caption, and the fixed held-out list (combinations never seen in
+  training). They ship as files beside the model (`diffusion_align.bundled.PROMPT_LISTS`).
 - `simple_animals`: common animal names, in the spirit of the DDPO paper's prompt set (Black et al. 2023
   train on a list of 45 common animals); this list is our own, written for this project.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffusion_align.bundled import PROMPT_LISTS, prompt_list_path
 from diffusion_align.errors import UserError
 
 # Our own list of everyday animals (origin: the idea of DDPO's `simple_animals` prompt set; not a copy).
@@ -29,22 +30,13 @@ SIMPLE_ANIMALS = (
 )  # fmt: skip
 
 
-def _shapes_train() -> list[str]:
-    from diffusion_align.zoo.shapes_data import split_scenes
-
-    return [scene.caption() for scene in split_scenes("train")]
-
-
-def _shapes_heldout() -> list[str]:
-    from diffusion_align.zoo.shapes_data import heldout_prompts
-
-    return heldout_prompts()
+def _bundled_list(name: str):
+    return lambda: [record["prompt"] for record in _read_txt(prompt_list_path(name))]
 
 
 # name -> zero-argument function returning the list
 BUILTIN = {
-    "shapes_train": _shapes_train,
-    "shapes_heldout": _shapes_heldout,
+    **{name: _bundled_list(name) for name in PROMPT_LISTS},
     "simple_animals": lambda: list(SIMPLE_ANIMALS),
 }
 

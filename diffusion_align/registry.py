@@ -83,7 +83,7 @@ def build_reward(rewards_settings: list[RewardSettings], device=None) -> RewardF
     """The configured rewards as one weighted sum; component names are the reward names (`name_2`, ... when a
     reward appears twice, e.g. with different args)."""
     import rewards as rewards_lib
-    from diffusion_align.zoo import resolve_reward_args
+    from diffusion_align.bundled import resolve_reward_args
     from rewards.combine import Combined
 
     if not rewards_settings:

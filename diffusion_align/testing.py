@@ -5,7 +5,8 @@ open_clip ships), so every code path a user hits with a hub checkpoint is exerci
 Scheduler values mirror the real SD 1.5 / SDXL configs, notably `steps_offset=1`: with 0 the last DDIM
 step is the identity (alpha_prev == alpha_t) and a last-step gradient window would be exactly zero.
 
-Usable from configs: `model.pretrained: tiny-sd` or `tiny-sdxl`.
+Usable from configs: `model.pretrained: tiny-sd` or `tiny-sdxl`. The video ones (testing_video.py) build on
+this module; imports run one way, testing_video -> testing, and `backbones` looks names up in both tables.
 """
 
 from __future__ import annotations
@@ -137,15 +138,3 @@ def tiny_sdxl(seed: int = 0) -> StableDiffusionXLPipeline:
 
 
 TINY_PIPELINES = {"tiny-sd": tiny_sd, "tiny-sdxl": tiny_sdxl}
-
-
-def _tiny_video(name: str):
-    def build(seed: int = 0):  # imported lazily: testing_video builds on this module
-        from diffusion_align.testing_video import TINY_VIDEO_PIPELINES
-
-        return TINY_VIDEO_PIPELINES[name](seed)
-
-    return build
-
-
-TINY_PIPELINES.update({name: _tiny_video(name) for name in ("tiny-animatediff", "tiny-t2v")})

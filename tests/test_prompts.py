@@ -71,3 +71,11 @@ def test_unknown_source_names_builtins_and_path(tmp_path):
     with pytest.raises(UserError, match="neither a built-in list") as info:
         load_prompts(tmp_path / "missing.txt")
     assert "shapes_train" in str(info.value) and "missing.txt" in str(info.value)
+
+
+def test_missing_bundled_list_says_how_to_rebuild(tmp_path, monkeypatch):
+    from diffusion_align import bundled
+
+    monkeypatch.setitem(bundled.PROMPT_LISTS, "shapes_heldout", tmp_path / "gone.txt")
+    with pytest.raises(UserError, match="zoo build shapes"):
+        load_prompts("shapes_heldout")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from diffusion_align.bundled import bundled_path
 from diffusion_align.errors import UserError
-from diffusion_align.zoo import bundled_path
 from diffusion_align.zoo import shapes_data as data
 from rewards import shapes
 
@@ -15,6 +15,9 @@ def test_bundled_names_and_unknown_name():
     assert bundled_path("shapes-clip").joinpath("config.json").is_file()
     with pytest.raises(UserError, match="shapes-clip"):
         bundled_path("sd-turbo")
+    from diffusion_align import zoo  # the old home of the name stays importable
+
+    assert zoo.bundled_path is bundled_path
 
 
 def test_bundle_is_fp16_safetensors_within_30_mb():

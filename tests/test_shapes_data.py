@@ -2,7 +2,10 @@
 
 import numpy as np
 
+from diffusion_align.bundled import PROMPT_LISTS, SHAPES
+from diffusion_align.prompts import load_prompts
 from diffusion_align.zoo import shapes_data as data
+from diffusion_align.zoo.shapes_card import write_prompt_lists
 from rewards import shapes
 
 
@@ -29,6 +32,16 @@ def test_splits_hold_out_unseen_pairs():
     assert all(data.is_heldout(s) for s in heldout)
     assert all(shapes.parse_caption(p) in heldout for p in data.heldout_prompts())
     assert len(set(data.heldout_prompts())) == len(data.heldout_prompts()) == 48
+
+
+def test_shipped_prompt_lists_are_the_generators_and_what_the_build_writes(tmp_path):
+    """shapes_train / shapes_heldout ship as files beside the bundled model; they must be the generator's
+    captions (what the model was trained on and held out from) and byte-equal to what `zoo build` writes."""
+    assert load_prompts("shapes_train") == [s.caption() for s in data.split_scenes("train")]
+    assert load_prompts("shapes_heldout") == data.heldout_prompts()
+    write_prompt_lists(tmp_path)
+    for path in PROMPT_LISTS.values():
+        assert (tmp_path / path.relative_to(SHAPES)).read_bytes() == path.read_bytes(), path
 
 
 def test_captions_round_trip_through_the_parser():

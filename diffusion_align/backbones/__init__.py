@@ -38,14 +38,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _builtin_pipeline(name: str, dtype):
+    from diffusion_align.bundled import BUNDLED
     from diffusion_align.testing import TINY_PIPELINES
+    from diffusion_align.testing_video import TINY_VIDEO_PIPELINES
 
-    if name in TINY_PIPELINES:
-        return TINY_PIPELINES[name]()
-    try:
-        from diffusion_align.zoo import BUNDLED
-    except ImportError:
-        return None
+    tiny = {**TINY_PIPELINES, **TINY_VIDEO_PIPELINES}
+    if name in tiny:
+        return tiny[name]()
     if name in BUNDLED:
         return _load_pipeline(str(BUNDLED[name]), dtype, None, None)
     return None

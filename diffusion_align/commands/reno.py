@@ -114,9 +114,9 @@ def _finite(value):
 def build_rewards(specs: list[str], reward_args: list[str], device) -> tuple[dict, dict[str, float]]:
     """--reward/--reward-arg -> ({name: reward}, {name: weight}); a bare NAME gets ReNO's default weight."""
     import rewards
+    from diffusion_align.bundled import resolve_reward_args
     from diffusion_align.commands.score import parse_reward_args, parse_reward_specs
     from diffusion_align.reno import RENO_DEFAULT_WEIGHTS
-    from diffusion_align.zoo import resolve_reward_args
 
     parsed = parse_reward_specs(specs)
     explicit = {spec.partition("=")[0].strip() for spec in specs if "=" in spec}

@@ -313,8 +313,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import rewards
+    from diffusion_align.bundled import resolve_reward_args
     from diffusion_align.score_files import RowWriter, expand_inputs, output_path
-    from diffusion_align.zoo import resolve_reward_args
     from rewards.io import LoadFailure, group_by_shape, iter_loaded
 
     if args.batch_size < 1:

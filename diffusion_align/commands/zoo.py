@@ -22,7 +22,9 @@ def add_arguments(parser) -> None:
     )
     b.add_argument("world", choices=WORLDS)
     b.add_argument(
-        "--out", required=True, help="folder that receives pipeline/, clip/, data.json, train_log.jsonl"
+        "--out",
+        required=True,
+        help="folder that receives pipeline/, clip/, prompts/, data.json, train_log.jsonl",
     )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--minutes", type=float, default=60.0, help="safety cap on wall time (default 60)")
@@ -47,16 +49,17 @@ def run(args) -> int:
 
     torch.set_num_threads(args.threads)
     if args.action == "build":
-        from diffusion_align.zoo.shapes_card import write_card
+        from diffusion_align.zoo.shapes_card import write_card, write_prompt_lists
         from diffusion_align.zoo.shapes_recipe import RecipeConfig, build
 
         cfg = RecipeConfig(seed=args.seed, minutes=args.minutes, threads=args.threads)
         times = build(args.out, cfg)
         write_card(Path(args.out) / "data.json", recipe=asdict(cfg), seconds=times, command=_command_line())
+        write_prompt_lists(Path(args.out))
         print(json.dumps({k: round(v, 1) for k, v in times.items()}))
         return 0
 
-    from diffusion_align.zoo import bundled_path
+    from diffusion_align.bundled import bundled_path
     from diffusion_align.zoo.shapes_eval import evaluate
 
     pipeline = Path(args.pipeline) if args.pipeline else bundled_path("shapes")

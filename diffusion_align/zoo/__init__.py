@@ -1,38 +1,13 @@
-"""Bundled models, addressable by a short name from configs (`model.pretrained: shapes`).
+"""Build-only code of the bundled shapes models: the recipe that trains them (shapes_recipe), their model
+builders (shapes_models), data generator (shapes_data), eval (shapes_eval) and card (shapes_card).
 
-`shapes` is a StableDiffusionPipeline folder and `shapes-clip` a CLIPModel folder, both trained on the
-synthetic shapes world (`diffusion-align zoo build shapes` re-creates them; see shapes_recipe.py).
+Only `diffusion-align zoo build|eval` (commands/zoo.py) imports it; the runtime finds the bundled models and
+their prompt lists through `diffusion_align.bundled` (tests/test_architecture.py keeps it that way).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+# Where these names lived before the split; kept importable for user code (bundled never imports zoo).
+from diffusion_align.bundled import BUNDLED, bundled_path, resolve_reward_args
 
-from diffusion_align.errors import UserError
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUNDLED: dict[str, Path] = {
-    "shapes": ASSETS / "shapes" / "pipeline",
-    "shapes-clip": ASSETS / "shapes" / "clip",
-}
-
-
-def bundled_path(name: str) -> Path:
-    """The folder of bundled model `name`; UserError naming the bundled models when unknown or missing."""
-    if name not in BUNDLED:
-        raise UserError(f"unknown bundled model {name!r}; bundled models are: {', '.join(sorted(BUNDLED))}")
-    path = BUNDLED[name]
-    if not path.is_dir():
-        raise UserError(
-            f"bundled model {name!r} is missing at {path}; reinstall diffusion-align or rebuild it with "
-            f"`diffusion-align zoo build shapes --out {path.parent}`"
-        )
-    return path
-
-
-def resolve_reward_args(args: dict) -> dict:
-    """A reward's loader arguments with a bundled name (`pretrained: shapes-clip`) replaced by its folder
-    (the rewards package cannot resolve it: it never imports diffusion_align)."""
-    if args.get("pretrained") in BUNDLED:
-        return {**args, "pretrained": str(bundled_path(args["pretrained"]))}
-    return dict(args)
+__all__ = ["BUNDLED", "bundled_path", "resolve_reward_args"]

@@ -1,10 +1,12 @@
-"""`data.json` beside the bundled shapes models: the data splits, the recipe, timings and measured metrics."""
+"""What `zoo build shapes` writes beside the models: `data.json` (the data splits, the recipe, timings and
+measured metrics) and the prompt lists the runtime serves as `shapes_train` / `shapes_heldout`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from diffusion_align.bundled import PROMPT_LISTS, SHAPES
 from diffusion_align.zoo import shapes_data as data
 
 
@@ -27,3 +29,19 @@ def write_card(path: Path, **sections) -> dict:
     card.update(sections)
     path.write_text(json.dumps(card, indent=1) + "\n")
     return card
+
+
+def prompt_lists() -> dict[str, list[str]]:
+    """Built-in list name -> its prompts: every training scene's caption and the fixed held-out list."""
+    return {
+        "shapes_train": [scene.caption() for scene in data.split_scenes("train")],
+        "shapes_heldout": data.heldout_prompts(),
+    }
+
+
+def write_prompt_lists(out: Path) -> None:
+    """The prompt list files under build folder `out`, where `bundled.PROMPT_LISTS` reads them from."""
+    for name, prompts in prompt_lists().items():
+        path = Path(out) / PROMPT_LISTS[name].relative_to(SHAPES)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(p + "\n" for p in prompts), encoding="utf-8")
