@@ -21,7 +21,7 @@ import yaml
 
 from diffusion_align import run_folder
 from diffusion_align.config import to_dict
-from diffusion_align.distributed import AccelerateGroup
+from diffusion_align.distributed import AccelerateGroup, LocalGroup
 from diffusion_align.errors import UserError
 from diffusion_align.prompts import load_prompts
 from diffusion_align.registry import (
@@ -71,7 +71,7 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
     reward = RecordingReward(build_reward(config.rewards, acc.device))
     eval_reward = build_reward(config.eval_rewards, acc.device) if config.eval_rewards else None
     group = AccelerateGroup(acc)
-    strategy = strategy_class(config.strategy)(config.strategy, policy, reward, config.sample, group=group)
+    strategy = build_strategy(config, policy, reward, group)
     optimizer = torch.optim.AdamW(
         policy.parameters(),
         lr=t.learning_rate,
@@ -109,6 +109,13 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
         folder=folder,
         options=run_options(config),
     )
+
+
+def build_strategy(config: Config, policy, reward, group=None):
+    """The configured strategy (its class from the STRATEGIES table) on `policy` and `reward`; `group`: the
+    processes it gathers over (one process when None). Also what `benchmarks/bench_strategies.py` uses."""
+    cls = strategy_class(config.strategy)
+    return cls(config.strategy, policy, reward, config.sample, group=LocalGroup() if group is None else group)
 
 
 def run_options(config: Config) -> RunOptions:

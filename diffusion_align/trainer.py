@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_align import checkpointing
+from diffusion_align import run_checkpoint
 from diffusion_align.across_processes import mean_dicts, mean_over_processes, reward_metrics, sync_gradients
 from diffusion_align.errors import UserError
 from diffusion_align.evaluation import evaluate
@@ -238,50 +238,14 @@ class Trainer:
         if getattr(self, "tracker", None) is not None:
             self.tracker.log_image(tag, path, self.global_step)
 
-    # --- checkpoints --------------------------------------------------------------------------------
+    # --- checkpoints (`run_checkpoint`: what one holds) -----------------------------------------------
     def save_checkpoint(self, seconds: float) -> Path:
-        def write_shared(folder: Path) -> None:
-            self.policy.save_lora(folder / "lora", base_model=self.options.base_model)
-            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
-            torch.save(self.reward_fn.state_dict(), folder / "reward.pt")
-            self.folder.save_config(folder / "config.yaml")  # what a resume is compared with
-            if hasattr(self.strategy, "state_dict"):
-                torch.save(self.strategy.state_dict(), folder / "strategy.pt")
-            state = {
-                "epoch": self.epoch,
-                "global_step": self.global_step,
-                "seconds": seconds,
-                "world_size": self.world,
-                "eval_before": self.eval_before,
-                "history": self.history,
-            }
-            (folder / checkpointing.COMPLETE_MARKER).write_text(json.dumps(state, indent=1))
-
-        return checkpointing.save_checkpoint(
-            self.ckpt_root,
-            self.epoch,
-            write_shared,
-            lambda folder: checkpointing.save_rng(folder, self.rank),
-            self.is_main,
-            self.accelerator.wait_for_everyone,
-            self.options.keep_last,
-        )
+        return run_checkpoint.save(self, seconds)
 
     def _load(self, folder: Path) -> None:
-        state = json.loads((folder / checkpointing.COMPLETE_MARKER).read_text())
-        self.policy.load_lora(folder / "lora", self.options.base_model)
-        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-        self.reward_fn.load_state_dict(torch.load(folder / "reward.pt", weights_only=True))
-        if (folder / "strategy.pt").is_file() and hasattr(self.strategy, "load_state_dict"):
-            self.strategy.load_state_dict(torch.load(folder / "strategy.pt", weights_only=True))
-        checkpointing.load_rng(folder, self.rank)
+        state = run_checkpoint.load(self, folder)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
-        if self.scheduler.last_epoch == self.global_step:  # saved before warmup_schedule (one step behind)
-            self.scheduler.last_epoch += 1
-        self.seconds_before = state["seconds"]
-        self.eval_before = state["eval_before"]
+        self.seconds_before, self.eval_before = state["seconds"], state["eval_before"]
         self.history = state["history"]
         if self.epoch > self.options.epochs:
             raise UserError(
