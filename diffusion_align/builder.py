@@ -8,6 +8,11 @@ its folder, builds backbone, policy, strategy (from the STRATEGIES table), rewar
 and prompt lists, and hands the trainer those objects with the run's options as plain values
 (`training_run`). The trainer imports no config module. Order matters for exact results: the torch seed is
 set before the policy is built (the LoRA's initial weights draw from it).
+
+The run folder needs the config twice: to decide how the run starts (`run_folder.check_start` compares it
+with a checkpoint's; done here, before anything is built) and to be saved, at start and in every checkpoint.
+For the second the trainer gets a `run_folder.RunFolder` holding the config already written as YAML text:
+what is saved is fixed when the run is built, and the loop handles text, not config objects.
 """
 
 from __future__ import annotations
