@@ -30,10 +30,9 @@ STRATEGIES = ["ddpo", "d3po", "prdp", "alignprop", "draft"]
 
 
 def build(model: str, strategy: str, steps: int, samples: int, device: str, extra: dict | None = None):
+    from diffusion_align.builder import build_strategy
     from diffusion_align.config import load_config
-    from diffusion_align.distributed import LocalGroup
     from diffusion_align.registry import build_backbone, build_policy, build_reward
-    from diffusion_align.strategies import strategy_class
 
     reward = "shapes_color_soft" if strategy in ("alignprop", "draft") else "jpeg_compressibility"
     s_cfg = {"name": strategy, **(extra or {})}
@@ -53,9 +52,7 @@ def build(model: str, strategy: str, steps: int, samples: int, device: str, extr
     backbone = build_backbone(config.model)
     policy = build_policy(backbone, config.sample, config.lora)
     reward_fn = build_reward(config.rewards, backbone.device)
-    strategy_obj = strategy_class(config.strategy)(
-        config.strategy, policy, reward_fn, config.sample, group=LocalGroup()
-    )
+    strategy_obj = build_strategy(config, policy, reward_fn)
     return backbone, policy, strategy_obj
 
 

@@ -3,3 +3,10 @@
 
 class UserError(Exception):
     """Bad input (config, path, prompt list). The message says what was wrong and what to do."""
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (the run goes on)."""
+    import sys
+
+    print(f"diffusion-align: warning: {message}", file=sys.stderr)

@@ -1,8 +1,11 @@
-"""The one place where config sections become objects. Everything built here takes plain arguments."""
+"""Config sections to objects, one piece at a time (backbone, policy, reward): what `builder.build_run` and
+the commands (sample, score, reno, search) assemble. Everything built here takes plain arguments."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from diffusion_align.backbones import load_backbone
 from diffusion_align.errors import UserError
@@ -77,6 +80,27 @@ class RewardFunction:
 
     def load_state_dict(self, state: dict) -> None:
         self.combined.normalizers.load_state_dict(state)
+
+
+class RecordingReward:
+    """The reward as strategies see it, keeping every call's raw components so the trainer can log them."""
+
+    def __init__(self, reward):
+        self.reward = reward
+        self.differentiable = reward.differentiable
+        self.calls: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, images, prompts):
+        total, components = self.reward(images, prompts)
+        self.calls.append({"total": total.detach(), **{k: v.detach() for k, v in components.items()}})
+        return total, components
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """Concatenated records since the last `take`, {"total" | component: (N,)}; empty if no call."""
+        calls, self.calls = self.calls, []
+        if not calls:
+            return {}
+        return {k: torch.cat([c[k].float().flatten() for c in calls]) for k in calls[0]}
 
 
 def build_reward(rewards_settings: list[RewardSettings], device=None) -> RewardFunction:

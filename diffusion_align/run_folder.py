@@ -5,8 +5,9 @@
   its first checkpoint restarts that run, if the config is the same.)
 - `overwrite` deletes the folder's run artifacts (`RUN_ARTIFACTS`), never a file the trainer does not write:
   such a file makes the run refuse instead.
-- `check_start` only reads; `write_start` writes, and the trainer calls it once everything the config
-  names has been built, so a config that fails never touches the folder.
+- `check_start` only reads; `write_start` writes, and the trainer calls it (through the `RunFolder` the
+  builder hands it) once everything the config names has been built, so a config that fails never touches
+  the folder.
 - A resume compares the config with the one saved in the checkpoint (`config_changes`), refuses changes that
   alter the math and records the others in `config_history.jsonl`.
 - Code named by the config (`package.module:attr`) is listed with its file in `custom_components.json`.
@@ -24,8 +25,7 @@ from pathlib import Path
 import yaml
 
 from diffusion_align import checkpointing, config_changes
-from diffusion_align.config import save_config
-from diffusion_align.errors import UserError
+from diffusion_align.errors import UserError, warn
 
 # Everything a training run writes into its output_dir (`logs` TensorBoard, `wandb` the wandb client).
 RUN_ARTIFACTS = frozenset(
@@ -46,10 +46,6 @@ RUN_ARTIFACTS = frozenset(
 )
 HISTORY = "config_history.jsonl"
 CUSTOM = "custom_components.json"
-
-
-def warn(message: str) -> None:
-    print(f"diffusion-align: warning: {message}", file=sys.stderr)
 
 
 @dataclasses.dataclass
@@ -107,9 +103,8 @@ def check_start(config, overwrite: bool) -> RunStart:
     return RunStart("start", clear=clear)
 
 
-def write_start(config, start: RunStart, custom_components: list[dict]) -> None:
+def write_start(run_dir: Path, start: RunStart, config_yaml: str, custom_components: list[dict]) -> None:
     """Prepare the folder for the run: clear it (overwrite), then the config, its history and custom code."""
-    run_dir = Path(config.output_dir)
     if start.clear:
         for name in RUN_ARTIFACTS:
             path = run_dir / name
@@ -118,7 +113,7 @@ def write_start(config, start: RunStart, custom_components: list[dict]) -> None:
             elif path.exists() or path.is_symlink():
                 path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    (run_dir / "config.yaml").write_text(config_yaml)
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "event": start.event,
@@ -131,6 +126,27 @@ def write_start(config, start: RunStart, custom_components: list[dict]) -> None:
         (run_dir / CUSTOM).write_text(json.dumps(custom_components, indent=1))
         for c in custom_components:
             print(f"diffusion-align: the config runs {c['key']}={c['ref']} from {c['file']}", file=sys.stderr)
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """The run folder as the trainer sees it: how the run starts, and the config to save there already
+    written as YAML text, so the training loop writes the config without handling (or importing) config
+    objects. Built by the builder once the config is valid."""
+
+    path: Path
+    start: RunStart
+    config_yaml: str  # what `save_config` writes for this run's config
+    custom_components: list[dict]
+
+    def write_start(self) -> None:
+        """Prepare the folder for the run (main process only; see `write_start`)."""
+        write_start(self.path, self.start, self.config_yaml, self.custom_components)
+
+    def save_config(self, path: Path) -> None:
+        """The run's config as `path` (each checkpoint keeps the config a resume is compared with)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.config_yaml)
 
 
 def _accepted(saved: Path, config, source: str) -> dict:

@@ -12,8 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from diffusion_align.errors import UserError
-from diffusion_align.run_folder import warn
+from diffusion_align.errors import UserError, warn
 
 
 class Tracker:

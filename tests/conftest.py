@@ -32,7 +32,7 @@ RUN_SETTINGS = {"train.epochs": 2, "checkpoint.every": 1, "checkpoint.keep_last"
 def finished_run(tmp_path_factory) -> Path:
     from test_trainer import tiny_config
 
-    from diffusion_align.trainer import train
+    from diffusion_align.builder import train
 
     run = tmp_path_factory.mktemp("base") / "run"
     train(tiny_config(run, "ddpo", **RUN_SETTINGS))

@@ -219,3 +219,44 @@ def test_the_package_has_no_import_cycle():
         graph[module].discard(target)
     cycle = find_cycle(graph)
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}; imports must run one way"
+
+
+# what the training loop must not reach: the builder hands it ready objects and plain values
+CONFIG_MODULES = (
+    "diffusion_align.config",
+    "diffusion_align.settings",
+    "diffusion_align.registry",
+    "diffusion_align.builder",
+    "diffusion_align.config_changes",
+    "diffusion_align.run_folder",
+)
+
+
+def package_closure(path: Path) -> dict[str, set[str]]:
+    """{module: its imports} for `path` and every toolkit module it reaches, import after import."""
+    seen: dict[str, set[str]] = {}
+    todo = [path]
+    while todo:
+        current = todo.pop()
+        name = module_name(current)
+        if name in seen:
+            continue
+        seen[name] = imported_modules(current)
+        for m in seen[name]:
+            parts = m.split(".")
+            for candidate in (
+                ROOT.joinpath(*parts).with_suffix(".py"),
+                ROOT.joinpath(*parts) / "__init__.py",
+            ):
+                if m.startswith("diffusion_align.") and candidate.is_file():
+                    todo.append(candidate)
+    return seen
+
+
+def test_the_training_loop_imports_no_config_module():
+    """trainer.py, and every toolkit module it imports on the way, work on objects and plain values:
+    reading a config is the builder's job (`builder.build_run`)."""
+    closure = package_closure(PACKAGE / "trainer.py")
+    bad = {name: [t for t in CONFIG_MODULES if reaches(imports, t)] for name, imports in closure.items()}
+    bad = {name: targets for name, targets in bad.items() if targets}
+    assert not bad, f"the training loop reaches config modules: {bad}"

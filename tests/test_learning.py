@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from diffusion_align.builder import train
 from diffusion_align.config import load_config
-from diffusion_align.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["logging.progress=false", "logging.tensorboard=false", "checkpoint.every=100"]

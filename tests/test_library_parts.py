@@ -8,9 +8,10 @@ from test_trainer import lora_of, max_diff, tiny_config
 
 from diffusion_align import checkpointing
 from diffusion_align.backbones import load_backbone
+from diffusion_align.builder import train, warmup_schedule
 from diffusion_align.policy import Policy
+from diffusion_align.run_outputs import export_merged
 from diffusion_align.samplers import DDIMSampler
-from diffusion_align.trainer import export_merged, train, warmup_schedule
 
 
 def test_warmup_schedule_gives_the_documented_learning_rates():

@@ -5,7 +5,7 @@ import json
 
 from test_trainer import lora_of, max_diff, tiny_config
 
-from diffusion_align.trainer import train
+from diffusion_align.builder import train
 
 PRDP = {"name": "prdp", "group_size": 2, "beta": 0.1, "eps": 1e-3, "num_inner_epochs": 2}
 # the whole batch per step: K = num_inner_epochs optimizer steps per epoch, the paper's loop

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from diffusion_align.builder import train
 from diffusion_align.config import load_config
-from diffusion_align.trainer import train
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 

@@ -12,8 +12,8 @@ from conftest import copy_of
 from test_trainer import LORA, lora_of, max_diff, tiny_config
 
 from diffusion_align import checkpointing
+from diffusion_align.builder import train
 from diffusion_align.errors import UserError
-from diffusion_align.trainer import train
 
 
 def truncate(path: Path) -> None:

@@ -12,9 +12,9 @@ from conftest import copy_of
 from test_trainer import ToyConfig, tiny_config
 
 from diffusion_align import checkpointing
+from diffusion_align.builder import train
 from diffusion_align.errors import UserError
 from diffusion_align.settings import RewardSettings
-from diffusion_align.trainer import train
 from rewards.errors import RewardError
 from rewards.jpeg import JpegCompressibility
 

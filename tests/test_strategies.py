@@ -348,9 +348,8 @@ def test_d3po_update_raises_the_winners_likelihood_over_the_losers(swap):
 def test_d3po_prefers_by_the_signed_weights_of_the_trainers_reward(policy, soft_weight, other, other_weight):
     """Through the trainer's own reward wrappers: each component counts as weight * value, so a negative
     weight is preferred smaller and a zero-weight (log-only) component neither decides nor blocks a pair."""
-    from diffusion_align.registry import build_reward
+    from diffusion_align.registry import RecordingReward, build_reward
     from diffusion_align.settings import RewardSettings
-    from diffusion_align.trainer import RecordingReward
 
     settings = [
         RewardSettings(name="shapes_color_soft", weight=soft_weight),

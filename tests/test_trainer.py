@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_align import checkpointing
+from diffusion_align.builder import train
 from diffusion_align.config import load_config
 from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
@@ -22,7 +23,6 @@ from diffusion_align.registry import build_reward
 from diffusion_align.rollout import rollout
 from diffusion_align.settings import RewardSettings
 from diffusion_align.strategies import STRATEGIES
-from diffusion_align.trainer import train
 from rewards.jpeg import JpegCompressibility
 
 TESTS = Path(__file__).resolve().parent
@@ -295,7 +295,7 @@ def test_sigkill_inside_checkpoint_write_keeps_previous(tmp_path):
     out = tmp_path / "run"
     script = (
         "import sys; sys.path.insert(0, sys.argv[1]); import test_trainer as t; t.register_toy(); "
-        "from diffusion_align.trainer import train; "
+        "from diffusion_align.builder import train; "
         "train(t.tiny_config(sys.argv[2], **dict(a.split('=', 1) for a in sys.argv[3:])))"
     )
     env = {**os.environ, checkpointing.PAUSE_ENV: "2", "HF_HUB_OFFLINE": "1"}

@@ -53,8 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from diffusion_align.builder import train
     from diffusion_align.config import load_config
-    from diffusion_align.trainer import train
 
     bad = [o for o in args.overrides if "=" not in o]
     if bad:

@@ -92,7 +92,7 @@ def _is_timing(key: str) -> bool:
 def train_one_epoch(strategy: str) -> dict[str, torch.Tensor]:
     """One epoch of `strategy` through `train` on tiny-sd: the final LoRA weights, every numeric value of
     metrics.jsonl (except wall-clock ones) and the summary's numbers."""
-    from diffusion_align.trainer import train
+    from diffusion_align.builder import train
 
     with tempfile.TemporaryDirectory() as tmp, redirect_stdout(StringIO()), redirect_stderr(StringIO()):
         run = Path(tmp) / "run"

@@ -1,0 +1,185 @@
+"""The builder: a config in, the ready objects of a training run out (`build_run`), and `train(config)`.
+
+    from diffusion_align.builder import train
+    summary = train(config)   # build_run(config) + Trainer(run).run()
+
+This is the one place that reads a training config: it starts accelerate, decides how the run starts in
+its folder, builds backbone, policy, strategy (from the STRATEGIES table), reward, optimizer, LR schedule
+and prompt lists, and hands the trainer those objects with the run's options as plain values
+(`training_run`). The trainer imports no config module. Order matters for exact results: the torch seed is
+set before the policy is built (the LoRA's initial weights draw from it).
+
+The run folder needs the config twice: to decide how the run starts (`run_folder.check_start` compares it
+with a checkpoint's; done here, before anything is built) and to be saved, at start and in every checkpoint.
+For the second the trainer gets a `run_folder.RunFolder` holding the config already written as YAML text:
+what is saved is fixed when the run is built, and the loop handles text, not config objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from diffusion_align import run_folder
+from diffusion_align.config import to_dict
+from diffusion_align.distributed import AccelerateGroup, LocalGroup
+from diffusion_align.errors import UserError
+from diffusion_align.prompts import load_prompts
+from diffusion_align.registry import (
+    RecordingReward,
+    build_backbone,
+    build_policy,
+    build_reward,
+    custom_components,
+)
+from diffusion_align.settings import Config
+from diffusion_align.strategies import strategy_class
+from diffusion_align.trainer import Trainer, derive_seed
+from diffusion_align.training_run import EvalSampling, RunOptions, TrainingRun
+
+SUPPORTED_DISTRIBUTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA"}
+
+
+def train(config: Config, overwrite: bool = False) -> dict:
+    """Fine-tune `config.model` with `config.strategy`; returns the summary also written to summary.json.
+    `overwrite`: start over in a non-empty output_dir, deleting its run artifacts (see `run_folder`)."""
+    return Trainer(build_run(config, overwrite)).run()
+
+
+def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
+    """Everything `config` names, built; nothing is written to the run folder (the trainer does that)."""
+    from accelerate import Accelerator
+
+    if config.strategy is None:
+        raise UserError("no strategy configured: add `strategy: ddpo` (or d3po, alignprop, draft, prdp)")
+    t = config.train
+    # Processes started by torchrun on a machine without CUDA form a CPU (gloo) group only with cpu=True.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = config.model.device == "cpu" or (launched and not torch.cuda.is_available())
+    acc = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu)
+    kind = str(acc.distributed_type).split(".")[-1]
+    if kind not in SUPPORTED_DISTRIBUTED:
+        raise UserError(
+            f"accelerate distributed_type {kind} is not supported by the trainer yet (the LoRA is "
+            "replicated and synchronised by the trainer); launch with configs/accelerate/ddp.yaml"
+        )
+    _check_batch_sizes(config, acc.num_processes)
+    start = run_folder.on_main(acc, lambda: run_folder.check_start(config, overwrite))
+
+    torch.manual_seed(derive_seed(t.seed, acc.process_index, 7))  # dropout etc.; saved with the RNG state
+    backbone = build_backbone(dataclasses.replace(config.model, device=str(acc.device)))
+    policy = build_policy(backbone, config.sample, config.lora)
+    reward = RecordingReward(build_reward(config.rewards, acc.device))
+    eval_reward = build_reward(config.eval_rewards, acc.device) if config.eval_rewards else None
+    group = AccelerateGroup(acc)
+    strategy = build_strategy(config, policy, reward, group)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(),
+        lr=t.learning_rate,
+        betas=tuple(t.adam_betas),
+        weight_decay=t.adam_weight_decay,
+        eps=t.adam_epsilon,
+    )
+    # Not passed to accelerate.prepare: its scheduler wrapper steps once per process per step.
+    scheduler = warmup_schedule(optimizer, t.lr_warmup_steps)
+    optimizer = acc.prepare(optimizer)  # fp16 loss scaling lives in accelerate's wrapper
+
+    p = config.prompts
+    if p.eval_images_per_prompt < 1:
+        raise UserError(f"prompts.eval_images_per_prompt={p.eval_images_per_prompt} must be at least 1")
+    train_prompts = load_prompts(p.train)
+    eval_prompts = [q for q in load_prompts(p.eval)[: p.eval_count] for _ in range(p.eval_images_per_prompt)]
+    folder = run_folder.RunFolder(
+        Path(config.output_dir),
+        start,
+        yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True),  # as config.save_config
+        custom_components(config),
+    )
+    return TrainingRun(
+        accelerator=acc,
+        group=group,
+        backbone=backbone,
+        policy=policy,
+        strategy=strategy,
+        reward=reward,
+        eval_reward=eval_reward,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+        folder=folder,
+        options=run_options(config),
+    )
+
+
+def build_strategy(config: Config, policy, reward, group=None):
+    """The configured strategy (its class from the STRATEGIES table) on `policy` and `reward`; `group`: the
+    processes it gathers over (one process when None). Also what `benchmarks/bench_strategies.py` uses."""
+    cls = strategy_class(config.strategy)
+    return cls(config.strategy, policy, reward, config.sample, group=LocalGroup() if group is None else group)
+
+
+def run_options(config: Config) -> RunOptions:
+    """The config's plain values the training loop reads."""
+    t, s, log, ckpt = config.train, config.sample, config.logging, config.checkpoint
+    strategy = type(config.strategy).__name__.removesuffix("Config")
+    return RunOptions(
+        output_dir=Path(config.output_dir),
+        epochs=t.epochs,
+        samples_per_epoch=t.samples_per_epoch,
+        batch_size=t.batch_size,
+        micro_batch_size=t.micro_batch_size,
+        seed=t.seed,
+        max_grad_norm=t.max_grad_norm,
+        base_model=config.model.pretrained,
+        title=f"{strategy} on {config.model.pretrained}",
+        eval=EvalSampling(
+            num_steps=s.num_steps,
+            guidance_scale=s.guidance_scale,
+            eta=s.eta,
+            batch_size=s.batch_size,
+            seed=s.seed,
+            negative_prompt=s.negative_prompt,
+            size=(s.height, s.width) if s.height and s.width else None,
+        ),
+        eval_every=log.eval_every,
+        log_every=log.log_every,
+        progress=log.progress,
+        checkpoint_every=ckpt.every,
+        keep_last=ckpt.keep_last,
+        export_merged=ckpt.export_merged,
+        tensorboard=log.tensorboard,
+        wandb=log.wandb,
+        wandb_project=log.wandb_project,
+        config_dict=to_dict(config),
+    )
+
+
+def _check_batch_sizes(config: Config, world: int) -> None:
+    t = config.train
+    for key, value in (("train.samples_per_epoch", t.samples_per_epoch), ("train.batch_size", t.batch_size)):
+        if value <= 0 or value % world:
+            raise UserError(
+                f"{key}={value} must be a positive multiple of the number of processes ({world}); "
+                "both are global counts, split evenly over processes"
+            )
+    if t.samples_per_epoch % t.batch_size:
+        raise UserError(
+            f"train.samples_per_epoch={t.samples_per_epoch} must be a multiple of "
+            f"train.batch_size={t.batch_size} (every optimizer step uses a full batch)"
+        )
+
+
+def warmup_schedule(optimizer, warmup_steps: int):
+    """diffusers' constant_with_warmup schedule, started one step in: optimizer step k (from 1) runs at
+    min(1, k / warmup_steps) of the learning rate (never a step at 0, full rate from step warmup_steps), as
+    this trainer always has; diffusers' own start spends step 1 at rate 0."""
+    from diffusers.optimization import get_scheduler
+
+    for group in optimizer.param_groups:  # what a scheduler built with last_epoch >= 0 starts from
+        group.setdefault("initial_lr", group["lr"])
+    return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup_steps, last_epoch=0)
