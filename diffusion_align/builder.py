@@ -22,10 +22,9 @@ import os
 from pathlib import Path
 
 import torch
-import yaml
 
 from diffusion_align import run_folder
-from diffusion_align.config import to_dict
+from diffusion_align.config import config_yaml, to_dict
 from diffusion_align.distributed import AccelerateGroup, LocalGroup
 from diffusion_align.errors import UserError
 from diffusion_align.prompts import load_prompts
@@ -96,7 +95,7 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
     folder = run_folder.RunFolder(
         Path(config.output_dir),
         start,
-        yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True),  # as config.save_config
+        config_yaml(config),
         custom_components(config),
     )
     return TrainingRun(

@@ -457,9 +457,14 @@ def to_dict(obj: Any) -> dict:
     return _dump(obj, type(obj))
 
 
+def config_yaml(obj: Any) -> str:
+    """`obj` as YAML text that `load_config(..., cls=type(obj))` reads back to an equal object."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
+
+
 def save_config(obj: Any, path: str | Path) -> Path:
-    """Write `obj` as YAML that `load_config(path, cls=type(obj))` reads back to an equal object."""
+    """Write `config_yaml(obj)` to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True))
+    path.write_text(config_yaml(obj))
     return path
