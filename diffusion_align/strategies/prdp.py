@@ -123,7 +123,7 @@ class PRDP:
         missing = bool(torch.isnan(old).any())
         moved = missing and not self._weights_are(batch["old_params"])
         if moved:  # the snapshot's forwards swap weights in place: all before any graph holds the weights
-            old = torch.stack([self._old_log_prob(batch["old_params"], *step, embeds) for step in steps], 1)
+            old = self._old_log_probs(batch["old_params"], steps, embeds)
         log_probs = [self.policy.log_prob(*step, embeds, s.guidance_scale, s.num_steps) for step in steps]
         log_prob, ref = torch.stack(log_probs, 1), torch.stack(refs, 1)
         if missing:
@@ -156,13 +156,16 @@ class PRDP:
         return all(torch.equal(p, o) for p, o in zip(self.policy.parameters(), params, strict=True))
 
     @torch.no_grad()
-    def _old_log_prob(self, old_params, x_t, x_prev, t, embeds) -> Tensor:
+    def _old_log_probs(self, old_params, steps, embeds) -> Tensor:
+        """(B, len(steps)) log-probs under the snapshot: swapped in once for every step, then swapped back."""
         params, s = self.policy.parameters(), self.sample
         current = [p.detach().clone() for p in params]
         try:
             for p, o in zip(params, old_params, strict=True):
                 p.copy_(o)
-            return self.policy.log_prob(x_t, x_prev, t, embeds, s.guidance_scale, s.num_steps)
+            return torch.stack(
+                [self.policy.log_prob(*step, embeds, s.guidance_scale, s.num_steps) for step in steps], 1
+            )
         finally:
             for p, c in zip(params, current, strict=True):
                 p.copy_(c)
