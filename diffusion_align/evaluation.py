@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from diffusion_align.errors import UserError
 from diffusion_align.images import save_grid
-from diffusion_align.rollout import rollout
+from diffusion_align.rollout import generate
 
 
 @torch.no_grad()
@@ -31,13 +31,10 @@ def evaluate(policy, reward, eval_reward, prompts, sampling, autocast, grid: Pat
         batch = prompts[start : start + s.batch_size]
         gens = [torch.Generator(backbone.device).manual_seed(s.seed + start + i) for i in range(len(batch))]
         with autocast():
-            embeds = backbone.encode_prompts(
-                batch, s.negative_prompt, guidance=s.guidance_scale > 1, size=s.size
-            )
-            x_T = backbone.initial_noise(len(batch), gens, s.size)
-            traj = rollout(
-                backbone, policy.sampler, embeds, x_T, s.num_steps, s.guidance_scale, s.eta, generator=gens
-            )
+            _, traj = generate(
+                backbone, policy.sampler, batch, gens, s.num_steps, s.guidance_scale, s.eta,
+                s.negative_prompt, s.size,
+            )  # fmt: skip
         images.append(traj.images.float().cpu())
         scores = reward.components(traj.images.float(), batch)
         if eval_reward is not None:

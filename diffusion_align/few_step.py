@@ -1,17 +1,15 @@
 """Noise -> image maps with gradient to the initial noise, for ReNO and inference-time search.
 
-Two ways to turn a standard-normal z into an image:
-- `SchedulerGenerator` drives a diffusers scheduler's own `step` (Euler ancestral with trailing spacing as in
-  SD-Turbo / SDXL-Turbo, LCM as in Hyper-SD / LCM models, or any scheduler with `scale_model_input` + `step`),
-  keeping the autograd graph: diffusers' step functions are plain tensor arithmetic.
-- `RolloutGenerator` goes through the project's one DDIM loop (`rollout(..., grad_to_noise=True)`), so any
-  backbone works even without a few-step scheduler. It steps DDIM with **trailing** timestep spacing
-  (`generation_scheduler`): with the "leading" spacing that SD 1.x/2.x and the bundled model ship, one step
-  is timestep 1 and two are [501, 1], so a sample from pure noise stays noise; trailing starts at T - 1
-  (one step 999, two [999, 499]), as SD-Turbo ships. Training rollouts and `sample` keep the model's own
-  spacing (diffusers parity); only ReNO and the search baselines generate this way.
+`NoiseToImage` runs the one loop (`rollout(..., grad_to_noise=True)`) with one of two samplers:
+- `DDIMSampler` with **trailing** timestep spacing (`generation_scheduler`), so any backbone works even
+  without a few-step scheduler: with the "leading" spacing that SD 1.x/2.x and the bundled model ship, one
+  step is timestep 1 and two are [501, 1], so a sample from pure noise stays noise; trailing starts at
+  T - 1 (one step 999, two [999, 499]), as SD-Turbo ships. Training rollouts and `sample` keep the model's
+  own spacing (diffusers parity); only ReNO and the search baselines generate this way.
+- `SchedulerSampler`, a diffusers scheduler's own `step` (Euler ancestral with trailing spacing as in
+  SD-Turbo / SDXL-Turbo, LCM as in Hyper-SD / LCM models, ...), keeping the autograd graph.
 
-Both take z of shape (B, C, h, w) ~ N(0, I) (the ReNO regulariser assumes this scale) and multiply it by the
+It takes z of shape (B, C, h, w) ~ N(0, I) (the ReNO regulariser assumes this scale) and multiply it by the
 scheduler's `init_noise_sigma` themselves, exactly as the diffusers pipelines do with user-given latents. So
 `generator(z)` for z drawn like `pipe(generator=...)` draws it reproduces the pipeline's image. Step noise
 comes from a fresh generator per call and per sample, seeded by `seeds`: ReNO keeps it fixed across
@@ -21,11 +19,12 @@ iterations, and a sample does not depend on the rest of its batch.
 from __future__ import annotations
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from diffusion_align.errors import UserError
+from diffusion_align.rollout import rollout
+from diffusion_align.samplers import DDIMSampler
+from diffusion_align.scheduler_sampler import SchedulerSampler
 
 # --scheduler name -> diffusers scheduler class name and config overrides
 FEW_STEP_SCHEDULERS = {
@@ -44,83 +43,71 @@ def generation_scheduler(scheduler):
     return DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
 
 
-def _generators(seeds: list[int]) -> list[torch.Generator]:
+def seed_generators(seeds: list[int]) -> list[torch.Generator]:
     # CPU generators: the same seed gives the same noise on every device
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
 def draw_noise(backbone, seeds: list[int], size: tuple[int, int] | None = None) -> Tensor:
-    """z (B, C, h, w) float32 ~ N(0, I), one seed per sample, drawn as the diffusers pipelines draw latents
-    (in the backbone's dtype, from a CPU generator), so seed s gives the image `pipe(generator=s)` gives."""
-    height, width = size or backbone.default_size()
-    f = backbone.vae_scale_factor
-    shape = (len(seeds), backbone.unet.config.in_channels, height // f, width // f)
-    gens = _generators(seeds)
-    return randn_tensor(shape, generator=gens, device=backbone.device, dtype=backbone.dtype).float()
+    """z float32 ~ N(0, I) in the backbone's latent shape, one seed per sample, drawn as the diffusers
+    pipelines draw latents (in the backbone's dtype, from a CPU generator), so seed s gives the image
+    `pipe(generator=s)` gives."""
+    return backbone.initial_noise(len(seeds), seed_generators(seeds), size, sigma=1.0).float()
 
 
-class SchedulerGenerator:
-    """z -> images (B, 3, H, W) in [0, 1] through `scheduler.step`, differentiable w.r.t. z.
+class NoiseToImage:
+    """z -> images (B, 3, H, W) in [0, 1] through `rollout`, differentiable w.r.t. z when grad is enabled.
 
-    scheduler: a diffusers scheduler instance (copied, so the backbone's own one is never mutated);
-    checkpoint: recompute each denoiser call in backward (activation checkpointing).
+    sampler: `DDIMSampler` or `SchedulerSampler`; checkpoint: recompute each denoiser call in backward.
     """
 
-    def __init__(self, backbone, scheduler, num_steps: int, guidance_scale: float, checkpoint: bool = False):
-        self.backbone = backbone
-        self.scheduler = type(scheduler).from_config(scheduler.config)
+    def __init__(self, backbone, sampler, num_steps: int, guidance_scale: float, checkpoint: bool = False):
+        self.backbone, self.sampler = backbone, sampler
         self.num_steps, self.guidance_scale, self.checkpoint = (
             int(num_steps),
             float(guidance_scale),
             checkpoint,
         )
 
-    def latents(self, z: Tensor, embeds, seeds: list[int]) -> Tensor:
-        """Final latents (B, C, h, w) in the backbone dtype."""
-        sched, bb = self.scheduler, self.backbone
-        sched.set_timesteps(self.num_steps, device=z.device)  # also resets the scheduler's step index
-        gens = _generators(seeds)
-        x = (z * sched.init_noise_sigma).to(bb.dtype)
-        for t in sched.timesteps:
-            x_in = sched.scale_model_input(x, t)
-            if self.checkpoint and torch.is_grad_enabled():
-                out = grad_checkpoint(bb.predict, x_in, t, embeds, self.guidance_scale, use_reentrant=False)
-            else:
-                out = bb.predict(x_in, t, embeds, self.guidance_scale)
-            x = sched.step(out, t, x, generator=gens, return_dict=False)[0]
-        return x
-
-    def __call__(self, z: Tensor, embeds, seeds: list[int]) -> Tensor:
-        return self.backbone.decode(self.latents(z, embeds, seeds))
-
-
-class RolloutGenerator:
-    """z -> images (B, 3, H, W) in [0, 1] through `rollout` (DDIM-eta, gradient to the noise)."""
-
-    def __init__(
-        self, backbone, sampler, num_steps: int, guidance_scale: float, eta: float = 0.0, checkpoint=False
-    ):
-        self.backbone, self.sampler = backbone, sampler
-        self.num_steps, self.guidance_scale = int(num_steps), float(guidance_scale)
-        self.eta, self.checkpoint = float(eta), checkpoint
-
-    def __call__(self, z: Tensor, embeds, seeds: list[int]) -> Tensor:
-        from diffusion_align.rollout import rollout
-
-        x_T = (z * self.sampler.scheduler.init_noise_sigma).to(self.backbone.dtype)
-        traj = rollout(
+    def run(self, z: Tensor, embeds, seeds: list[int], **rollout_options):
+        """The rollout of x_T = z * init_noise_sigma (as the pipelines scale user-given latents)."""
+        x_T = (z * self.sampler.init_noise_sigma).to(self.backbone.dtype)
+        return rollout(
             self.backbone,
             self.sampler,
             embeds,
             x_T,
             self.num_steps,
             self.guidance_scale,
-            self.eta,
             grad_to_noise=torch.is_grad_enabled(),
             checkpoint=self.checkpoint,
-            generator=_generators(seeds) if self.eta > 0 else None,
+            generator=seed_generators(seeds),
+            **rollout_options,
         )
-        return traj.images
+
+    def __call__(self, z: Tensor, embeds, seeds: list[int]) -> Tensor:
+        return self.run(z, embeds, seeds).images
+
+
+def make_sampler(backbone, scheduler: str = "auto", eta: float = 0.0):
+    """The generation sampler for `backbone`: "auto" (the backbone's own scheduler: DDIM-like ones as
+    DDIM-eta with trailing spacing, others such as SD-Turbo's Euler ancestral stepped directly), "ddim"
+    (always DDIM-eta, trailing), "native" (the backbone's scheduler, its own spacing), or a few-step
+    scheduler built on the backbone's schedule: "euler_ancestral" (trailing), "euler" (trailing) or "lcm"."""
+    own = backbone.scheduler
+    if scheduler == "auto":
+        scheduler = "ddim" if type(own).__name__ in DDIM_COMPATIBLE else "native"
+    if scheduler == "ddim":
+        return DDIMSampler(generation_scheduler(own), eta)
+    if scheduler == "native":
+        return SchedulerSampler(own, eta)
+    if scheduler in FEW_STEP_SCHEDULERS:
+        import diffusers
+
+        class_name, overrides = FEW_STEP_SCHEDULERS[scheduler]
+        return SchedulerSampler(getattr(diffusers, class_name).from_config(own.config, **overrides), eta)
+    choices = ", ".join(["auto", "ddim", "native", *FEW_STEP_SCHEDULERS])
+    raise UserError(f"scheduler {scheduler!r}: choose one of {choices}")
 
 
 def make_generator(
@@ -130,29 +117,8 @@ def make_generator(
     scheduler: str = "auto",
     checkpoint: bool = False,
     eta: float = 0.0,
-):
-    """The noise -> image map for `backbone`.
-
-    scheduler: "auto" (the backbone's own scheduler: DDIM-like ones go through `rollout` with trailing
-    spacing, others such as SD-Turbo's Euler ancestral are stepped directly), "ddim" (always `rollout`,
-    trailing), "native" (always the backbone's scheduler, its own spacing), or a few-step scheduler built on
-    the backbone's schedule: "euler_ancestral" (trailing spacing), "euler" (trailing) or "lcm".
-    """
-    own = backbone.scheduler
-    if scheduler == "auto":
-        scheduler = "ddim" if type(own).__name__ in DDIM_COMPATIBLE else "native"
-    if scheduler == "ddim":
-        from diffusion_align.samplers import DDIMSampler
-
-        sampler = DDIMSampler(generation_scheduler(own), eta)
-        return RolloutGenerator(backbone, sampler, num_steps, guidance_scale, eta, checkpoint)
-    if scheduler == "native":
-        return SchedulerGenerator(backbone, own, num_steps, guidance_scale, checkpoint)
-    if scheduler in FEW_STEP_SCHEDULERS:
-        import diffusers
-
-        class_name, overrides = FEW_STEP_SCHEDULERS[scheduler]
-        built = getattr(diffusers, class_name).from_config(own.config, **overrides)
-        return SchedulerGenerator(backbone, built, num_steps, guidance_scale, checkpoint)
-    choices = ", ".join(["auto", "ddim", "native", *FEW_STEP_SCHEDULERS])
-    raise UserError(f"scheduler {scheduler!r}: choose one of {choices}")
+) -> NoiseToImage:
+    """The noise -> image map for `backbone` with the sampler `make_sampler(backbone, scheduler, eta)`."""
+    return NoiseToImage(
+        backbone, make_sampler(backbone, scheduler, eta), num_steps, guidance_scale, checkpoint
+    )

@@ -20,8 +20,6 @@ from diffusion_align.errors import UserError
 from diffusion_align.lora_files import check_lora_fits, record_base
 from diffusion_align.samplers import gaussian_log_prob
 
-# Attention projections, as in the diffusers LoRA training scripts and DDPO.
-DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER = "default"
 
 
@@ -33,15 +31,16 @@ class Policy:
         rank: int = 4,
         alpha: float | None = None,
         dropout: float = 0.0,
-        target_modules: tuple[str, ...] | list[str] = DEFAULT_TARGET_MODULES,
+        target_modules: tuple[str, ...] | list[str] | None = None,
     ):
+        """target_modules: None = the backbone's `lora_targets`."""
         self.backbone, self.sampler = backbone, sampler
         self.lora_config = LoraConfig(
             r=rank,
             lora_alpha=alpha if alpha is not None else rank,
             lora_dropout=dropout,
             init_lora_weights="gaussian",  # B = 0: the policy starts exactly at the base model
-            target_modules=list(target_modules),
+            target_modules=list(target_modules or backbone.lora_targets),
         )
         _add_adapter(backbone.unet, self.lora_config)
         for p in self.parameters():  # fp32 master weights even when the base model is fp16/bf16

@@ -48,7 +48,7 @@ def build_sampler(backbone, sample: SampleSettings) -> DDIMSampler:
 
 def build_policy(backbone, sample: SampleSettings, lora: LoraSettings) -> Policy:
     sampler = build_sampler(backbone, sample)
-    return Policy(backbone, sampler, lora.rank, lora.alpha, lora.dropout, tuple(lora.target_modules))
+    return Policy(backbone, sampler, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
 
 
 class RewardFunction:

@@ -9,14 +9,69 @@ DDIM-eta (Song et al. 2021, eq. 12): with a_t = alpha_bar_t and a_p = alpha_bar_
     std    = eta * sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
     mean   = sqrt(a_p) * x0_hat + sqrt(1 - a_p - std^2) * eps_hat
 eta = 1 is DDPM-equivalent; eta = 0 is the deterministic DDIM sampler (std = 0, log-prob undefined).
+
+The sampler protocol (`Sampler` below) is what `rollout`, the policy and the strategies use. A new sampler
+family (a flow-matching ODE/SDE) is one new class with these methods; nothing else changes.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
+
+
+@dataclass
+class Step:
+    """One denoising step's result. prev: x_prev in x_t's dtype; log_prob: (B,) float32 log p(prev | x_t)
+    (None for a deterministic step or a sampler without Gaussian transitions); x0: the step's prediction of
+    the clean latent (None where the sampler does not form one)."""
+
+    prev: Tensor
+    log_prob: Tensor | None = None
+    x0: Tensor | None = None
+
+
+class Sampler(Protocol):
+    """How a chain of denoiser outputs becomes a chain of latents.
+
+    timesteps(num_steps, device): (S,) model timesteps, noisiest first; resets any per-chain state.
+    scale_input(x_t, t): the denoiser's input at t (identity for DDIM and flow samplers).
+    step(model_output, t, x_t, num_steps, eta, generator) -> Step: draw x_prev (the noise from `generator`,
+        a list giving one stream per sample).
+    transition(model_output, t, x_t, num_steps, eta) -> (mean, std): the Gaussian p(x_prev | x_t), from
+        which `gaussian_log_prob` and `gaussian_kl` give the log-probs and KLs the likelihood methods use.
+        Samplers without Gaussian transitions (`SchedulerSampler`) raise; rollouts still work.
+    eta: the default noise level of `step`/`transition`; init_noise_sigma: the scale of x_T.
+    """
+
+    eta: float
+    init_noise_sigma: float
+
+    def timesteps(self, num_steps: int, device=None) -> Tensor: ...
+
+    def scale_input(self, x_t: Tensor, t: Tensor) -> Tensor: ...
+
+    def step(self, model_output, t, x_t, num_steps: int, eta: float | None, generator=None) -> Step: ...
+
+    def transition(self, model_output, t, x_t, num_steps: int, eta: float | None = None): ...
+
+
+def gaussian_step(
+    mean: Tensor, std: Tensor, like: Tensor, eta: float, generator
+) -> tuple[Tensor, Tensor | None]:
+    """x_prev ~ N(mean, std^2) in `like`'s dtype and its log-prob ((prev, None) when eta == 0). The noise is
+    drawn as `DDIMScheduler.step(eta, generator)` draws it, so pipelines are reproduced exactly; the
+    log-prob is of the cast sample, which is what later re-scoring sees (PPO ratio exactly 1)."""
+    if eta <= 0:
+        return mean.to(like.dtype), None
+    noise = randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    prev = (mean + std * noise).to(like.dtype)
+    return prev, gaussian_log_prob(prev, mean.detach(), std)
 
 
 class DDIMSampler:
@@ -45,10 +100,25 @@ class DDIMSampler:
             scheduler = DDIMScheduler.from_config(scheduler.config)
         return cls(scheduler, eta)
 
-    def timesteps(self, num_steps: int) -> Tensor:
+    @property
+    def init_noise_sigma(self) -> float:
+        return float(self.scheduler.init_noise_sigma)
+
+    def timesteps(self, num_steps: int, device=None) -> Tensor:
         """(S,) int64 timesteps from noisiest to cleanest, exactly as `DDIMScheduler.set_timesteps`."""
         self.scheduler.set_timesteps(num_steps)
-        return self.scheduler.timesteps.clone()
+        return self.scheduler.timesteps.clone().to(device)
+
+    def scale_input(self, x_t: Tensor, t) -> Tensor:
+        return x_t
+
+    def step(
+        self, model_output, t, x_t: Tensor, num_steps: int, eta: float | None = None, generator=None
+    ) -> Step:
+        eta = self.eta if eta is None else float(eta)
+        mean, std, x0 = self._transition(model_output, t, x_t, num_steps, eta)
+        prev, log_prob = gaussian_step(mean, std, x_t, eta, generator)
+        return Step(prev, log_prob, x0)
 
     def _alphas(self, t: Tensor | int, num_steps: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """alpha_bar at t and at t - T/num_steps (final_alpha_cumprod below 0), broadcastable on `like`."""
@@ -67,7 +137,13 @@ class DDIMSampler:
         model_output, x_t: (B, C, h, w) latents; t: a timestep, or (B,) timesteps (one per sample).
         Returns mean (B, C, h, w) in float32 and std broadcastable to it ((1 or B, 1, 1, 1), float32).
         """
-        eta = self.eta if eta is None else float(eta)
+        mean, std, _ = self._transition(
+            model_output, t, x_t, num_steps, self.eta if eta is None else float(eta)
+        )
+        return mean, std
+
+    def _transition(self, model_output, t, x_t, num_steps: int, eta: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean, std, x0_hat)."""
         a_t, a_p = self._alphas(t, num_steps, x_t)
         x_t, model_output = x_t.float(), model_output.float()
         if self.prediction_type == "epsilon":
@@ -86,7 +162,7 @@ class DDIMSampler:
         variance = (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
         std = eta * variance.sqrt()
         mean = a_p.sqrt() * x0 + (1 - a_p - std**2).clamp(min=0).sqrt() * eps
-        return mean, std
+        return mean, std, x0
 
 
 def gaussian_log_prob(x_prev: Tensor, mean: Tensor, std: Tensor) -> Tensor:

@@ -22,13 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusion_align.few_step import (
-    DDIM_COMPATIBLE,
-    _generators,
-    draw_noise,
-    generation_scheduler,
-    make_generator,
-)
+from diffusion_align.few_step import NoiseToImage, draw_noise, make_generator, make_sampler
 from diffusion_align.reno import as_reward_dict, score
 
 
@@ -159,37 +153,42 @@ def fk_steering(
     progress: bool = True,
 ) -> SearchResult:
     """FK steering with the backbone's scheduler (DDIM-eta with trailing spacing for DDIM-type schedulers,
-    as `few_step.make_generator`); returns the best final particle. resample_window: inclusive step-index
-    range (0 = noisiest step)."""
+    as `few_step.make_sampler`), the particles resampled inside the one loop through its `on_step`; returns
+    the best final particle. resample_window: inclusive step-index range (0 = noisiest step)."""
     rewards, weights = as_reward_dict(reward, weights)
     k = num_particles
     # resampling draws come from their own generator, apart from the step noise
     resampler = FKResampler(k, lmbda, potential, adaptive, torch.Generator().manual_seed(seed + 2**31))
-    own = backbone.scheduler
-    ddim = type(own).__name__ in DDIM_COMPATIBLE
-    sched = generation_scheduler(own) if ddim else type(own).from_config(own.config)
-    sched.set_timesteps(num_steps, device=backbone.device)
     seeds = list(range(seed, seed + k))
-    gens = _generators(seeds)
     embeds = backbone.encode_prompts([prompt], negative_prompt, guidance=guidance_scale > 1, size=size)
-    embeds = embeds.repeat_interleave(k)
-    x = (draw_noise(backbone, seeds, size) * sched.init_noise_sigma).to(backbone.dtype)
     resample_at = set(fk_schedule(num_steps, resample_frequency, resample_window))
     calls, final = 0, None
-    step_kwargs = {"eta": eta} if ddim else {}
-    for i, t in enumerate(tqdm(sched.timesteps, desc="fk-steering", disable=not progress)):
-        out = backbone.predict(sched.scale_model_input(x, t), t, embeds, guidance_scale)
-        x_prev, x0 = sched.step(out, t, x, generator=gens, return_dict=False, **step_kwargs)[:2]
-        if i in resample_at:
-            images = backbone.decode(x0.to(backbone.dtype))
-            r, _ = score(rewards, weights, images, [prompt] * k)
-            r, images = r.float().cpu(), images.float().cpu()
-            calls += k
-            idx = resampler(r, final=i == num_steps - 1)
-            if idx is not None:
-                x_prev, r, images = x_prev[idx.to(x.device)], r[idx], images[idx]
-            final = (r, images)
-        x = x_prev
+
+    def steer(i: int, t, step) -> Tensor | None:
+        """Score the particles' x0 predictions at a resampling step and resample them."""
+        nonlocal calls, final
+        if i not in resample_at:
+            return None
+        images = backbone.decode(step.x0.to(backbone.dtype))
+        r, _ = score(rewards, weights, images, [prompt] * k)
+        r, images = r.float().cpu(), images.float().cpu()
+        calls += k
+        idx = resampler(r, final=i == num_steps - 1)
+        prev = step.prev
+        if idx is not None:
+            prev, r, images = prev[idx.to(prev.device)], r[idx], images[idx]
+        final = (r, images)
+        return prev
+
+    generate = NoiseToImage(backbone, make_sampler(backbone, "auto", eta), num_steps, guidance_scale)
+    generate.run(
+        draw_noise(backbone, seeds, size),
+        embeds.repeat_interleave(k),
+        seeds,
+        on_step=steer,
+        decode=False,
+        progress="fk-steering" if progress else False,
+    )
     # the final particles' images are their last x0 predictions (scored within the budget), so the pick
     # is the official one, the best final particle by reward
     best = int(final[0].argmax())

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from diffusion_align.config import FRACTION, POSITIVE, PROBABILITY, ConfigError, Range, add_ranges, at_least
-from diffusion_align.policy import DEFAULT_TARGET_MODULES
 from diffusion_align.strategies import STRATEGY_CONFIGS
 
 
@@ -52,7 +51,7 @@ class LoraSettings:
     rank: int = 4  # LoRA rank (DDPO: 4)
     alpha: float | None = None  # LoRA alpha; None = rank (scale 1)
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    target_modules: list[str] | None = None  # None = the model family's (SD: to_q, to_k, to_v, to_out.0)
 
 
 @dataclass

@@ -260,3 +260,27 @@ def test_the_training_loop_imports_no_config_module():
     bad = {name: [t for t in CONFIG_MODULES if reaches(imports, t)] for name, imports in closure.items()}
     bad = {name: targets for name, targets in bad.items() if targets}
     assert not bad, f"the training loop reaches config modules: {bad}"
+
+
+def attribute_calls(path: Path, attr: str) -> list[ast.Call]:
+    return [
+        node
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr
+    ]
+
+
+def test_only_the_one_loop_steps_the_chain():
+    """`rollout` is the only caller of a sampler's step (`.step(out, t, x, ...)`, 3+ arguments, unlike an
+    optimizer's or LR schedule's `.step()`); the denoiser's guided prediction is called only by rollout
+    and by the policy's single-transition re-scoring."""
+    steppers = {"rollout.py", "scheduler_sampler.py"}  # the loop; the adapter calls diffusers' own step
+    predictors = {"rollout.py", "policy.py"}
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = str(path.relative_to(PACKAGE))
+        if name not in steppers and any(len(c.args) >= 3 for c in attribute_calls(path, "step")):
+            bad.append(f"{name} calls a sampler step")
+        if name not in predictors and attribute_calls(path, "predict"):
+            bad.append(f"{name} calls predict")
+    assert not bad, f"denoising outside rollout.py: {bad}"

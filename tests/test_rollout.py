@@ -172,3 +172,52 @@ def test_gradient_reaches_initial_noise_only_when_asked(sd):
     x_T.grad = None
     traj = rollout(backbone, sampler, embeds, x_T, 3, 5.0)
     assert not traj.images.requires_grad
+
+
+def test_a_rollout_started_midway_from_a_stored_latent_continues_the_chain(sd):
+    """start=k from latents[k] redoes steps k.. of the full chain (deterministic DDIM: bit-equal)."""
+    backbone, sampler = _setup(sd, 0.0)
+    full = _ours(backbone, sampler, PROMPTS, 6, 3.0, 0.0)
+    embeds = backbone.encode_prompts(PROMPTS, guidance=True)
+    with torch.no_grad():
+        tail = rollout(backbone, sampler, embeds, full.latents[:, 2], 6, 3.0, 0.0, start=2)
+    assert tail.latents.shape[1] == 5
+    assert torch.equal(tail.latents, full.latents[:, 2:])
+    assert torch.equal(tail.images, full.images)
+
+
+def test_a_step_callback_can_replace_the_latents(sd):
+    """Two chains of one prompt swapped after step 2 end where the other chain would have ended."""
+    backbone, sampler = _setup(sd, 0.0)
+    embeds = backbone.encode_prompts([PROMPTS[0]] * 2, guidance=False)
+    x_T = backbone.initial_noise(2, torch.Generator().manual_seed(0))
+    seen = []
+
+    def swap(i, t, step):
+        seen.append((i, int(t)))
+        return step.prev.flip(0) if i == 2 else None
+
+    with torch.no_grad():
+        plain = rollout(backbone, sampler, embeds, x_T, 5, 1.0, 0.0, decode=False)
+        swapped = rollout(backbone, sampler, embeds, x_T, 5, 1.0, 0.0, decode=False, on_step=swap)
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4]
+    assert [t for _, t in seen] == sampler.timesteps(5).tolist()
+    assert torch.equal(swapped.x0, plain.x0.flip(0))
+    assert torch.equal(swapped.latents[:, :3], plain.latents[:, :3])
+
+
+def test_the_ddim_step_predicts_the_clean_latent_as_diffusers_does(sd):
+    """`Step.x0` (what FK steering scores) equals DDIMScheduler.step's pred_original_sample."""
+    from diffusers import DDIMScheduler
+
+    backbone, sampler = _setup(sd, 1.0)
+    scheduler = DDIMScheduler.from_config(sd.scheduler.config)
+    scheduler.set_timesteps(4)
+    g = torch.Generator().manual_seed(3)
+    x, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = sampler.timesteps(4)[1]
+    ours = sampler.step(out, t, x, 4, 1.0, torch.Generator().manual_seed(0))
+    theirs = scheduler.step(out, t, x, eta=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ours.x0, theirs.pred_original_sample, atol=1e-5)
+    assert torch.allclose(ours.prev, theirs.prev_sample, atol=1e-5)
+    assert ours.log_prob.shape == (2,)

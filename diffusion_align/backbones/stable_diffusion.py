@@ -42,6 +42,13 @@ class PromptEmbeds:
     def to(self, *args, **kwargs) -> PromptEmbeds:
         return self._map(lambda v: v.to(*args, **kwargs))
 
+    def with_negative_first(self) -> PromptEmbeds:
+        """The guidance batch: [uncond, cond] stacked as the conditioning of 2B samples (uncond first, as the
+        diffusers pipelines order it)."""
+        time_ids = None if self.time_ids is None else torch.cat([self.time_ids, self.time_ids])
+        pooled = None if self.pooled is None else torch.cat([self.uncond_pooled, self.pooled])
+        return PromptEmbeds(cond=torch.cat([self.uncond, self.cond]), pooled=pooled, time_ids=time_ids)
+
     @staticmethod
     def cat(items: list[PromptEmbeds]) -> PromptEmbeds:
         first = items[0]
@@ -56,7 +63,9 @@ class PromptEmbeds:
 
 
 class StableDiffusionBackbone:
-    """encode_prompts / predict / decode / encode / initial_noise over a diffusers SD or SDXL pipeline."""
+    """The `backbones.protocol.Backbone` of SD 1.x/2.x, SDXL and LCM pipelines (and, by inheritance, video)."""
+
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (diffusers scripts, DDPO)
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -113,23 +122,22 @@ class StableDiffusionBackbone:
 
     # --- denoiser -----------------------------------------------------------------------------------
     def predict(self, x_t: Tensor, t: Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:
-        """Model output (epsilon, v or x0, per the scheduler config) for x_t (B, C, h, w) at timestep t,
-        with classifier-free guidance when guidance_scale > 1 and negative embeddings exist."""
-        cfg = guidance_scale > 1.0 and embeds.uncond is not None
-        x_in = torch.cat([x_t, x_t]) if cfg else x_t
-        hidden = torch.cat([embeds.uncond, embeds.cond]) if cfg else embeds.cond
-        added = None
-        if self.is_xl:
-            pooled = torch.cat([embeds.uncond_pooled, embeds.pooled]) if cfg else embeds.pooled
-            time_ids = torch.cat([embeds.time_ids, embeds.time_ids]) if cfg else embeds.time_ids
-            added = {"text_embeds": pooled, "time_ids": time_ids}
-        out = self.unet(
-            x_in.to(self.dtype), t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False
-        )[0]
-        if not cfg:
-            return out
-        uncond, cond = out.chunk(2)
+        """Model output (epsilon, v or x0, per the scheduler config) for x_t at timestep t (scalar, or (B,)
+        per sample: the policy doubles it for guidance), with classifier-free guidance when
+        guidance_scale > 1 and negative embeddings exist: one denoiser call on [uncond, cond], then
+        uncond + scale * (cond - uncond). The one place guidance happens, for every backbone."""
+        if not (guidance_scale > 1.0 and embeds.uncond is not None):
+            return self.denoise(x_t, t, embeds)
+        uncond, cond = self.denoise(torch.cat([x_t, x_t]), t, embeds.with_negative_first()).chunk(2)
         return uncond + guidance_scale * (cond - uncond)
+
+    def denoise(self, x: Tensor, t: Tensor, embeds: PromptEmbeds) -> Tensor:
+        """One UNet call on the conditioning in `embeds.cond` (and SDXL's pooled/time_ids), no guidance."""
+        added = {"text_embeds": embeds.pooled, "time_ids": embeds.time_ids} if self.is_xl else None
+        out = self.unet(
+            x.to(self.dtype), t, encoder_hidden_states=embeds.cond, added_cond_kwargs=added, return_dict=False
+        )
+        return out[0]
 
     # --- pixels <-> latents -------------------------------------------------------------------------
     def _latent_stats(self, latents: Tensor) -> tuple[Tensor | float, Tensor | float]:
@@ -159,9 +167,17 @@ class StableDiffusionBackbone:
         mean, std = self._latent_stats(dist.mean)
         return (dist.sample(generator) - mean) * self.vae.config.scaling_factor / std
 
-    def initial_noise(self, batch_size: int, generator=None, size: tuple[int, int] | None = None) -> Tensor:
-        """x_T ~ N(0, I) of shape (B, C, H/f, W/f), drawn exactly as the diffusers pipelines draw it, so the
-        same generator gives the same image as `pipe(...)`. `generator` may be a list (one per sample)."""
+    def initial_noise(
+        self,
+        batch_size: int,
+        generator=None,
+        size: tuple[int, int] | None = None,
+        *,
+        sigma: float | None = None,
+    ) -> Tensor:
+        """x_T ~ N(0, sigma^2 I) of shape (B, C, H/f, W/f), drawn exactly as the diffusers pipelines draw
+        it, so the same generator gives the same image as `pipe(...)`. `generator` may be a list (one per
+        sample); sigma: None = the scheduler's `init_noise_sigma` (1.0 gives ReNO's standard-normal z)."""
         height, width = size or self.default_size()
         shape = (
             batch_size,
@@ -170,7 +186,7 @@ class StableDiffusionBackbone:
             width // self.vae_scale_factor,
         )
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        return noise * self.scheduler.init_noise_sigma
+        return noise * (self.scheduler.init_noise_sigma if sigma is None else sigma)
 
     # --- memory -------------------------------------------------------------------------------------
     def enable_memory_options(

@@ -52,20 +52,12 @@ class VideoBackbone(StableDiffusionBackbone):
         return super().frozen_modules() + ([adapter] if adapter is not None else [])
 
     # --- denoiser -----------------------------------------------------------------------------------
-    def predict(self, x_t: Tensor, t: Tensor, embeds: PromptEmbeds, guidance_scale: float) -> Tensor:
-        """Model output for x_t (B, C, T, h, w) at timestep t (scalar or (B,), (2B,) under CFG), with
-        classifier-free guidance when guidance_scale > 1 and negative embeddings exist.
-        Returns (B, C, T, h, w)."""
-        cfg = guidance_scale > 1.0 and embeds.uncond is not None
-        x_in = torch.cat([x_t, x_t]) if cfg else x_t
-        hidden = torch.cat([embeds.uncond, embeds.cond]) if cfg else embeds.cond
+    def denoise(self, x: Tensor, t: Tensor, embeds: PromptEmbeds) -> Tensor:
+        """One UNet call on x (B, C, T, h, w), no guidance (`predict`, inherited, adds it)."""
+        hidden = embeds.cond
         if self.text_per_frame:  # as AnimateDiffPipeline does: frame-major repeat of each video's embedding
-            hidden = hidden.repeat_interleave(x_t.shape[2], dim=0)
-        out = self.unet(x_in.to(self.dtype), t, encoder_hidden_states=hidden, return_dict=False)[0]
-        if not cfg:
-            return out
-        uncond, cond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+            hidden = hidden.repeat_interleave(x.shape[2], dim=0)
+        return self.unet(x.to(self.dtype), t, encoder_hidden_states=hidden, return_dict=False)[0]
 
     # --- pixels <-> latents -------------------------------------------------------------------------
     def decode(
@@ -108,9 +100,12 @@ class VideoBackbone(StableDiffusionBackbone):
         generator=None,
         size: tuple[int, int] | None = None,
         num_frames: int | None = None,
+        *,
+        sigma: float | None = None,
     ) -> Tensor:
         """x_T ~ N(0, I) of shape (B, C, T, H/f, W/f), drawn as AnimateDiffPipeline / TextToVideoSDPipeline
-        draw it, so the same generator gives the same video as `pipe(...)`. `generator` may be a list."""
+        draw it, so the same generator gives the same video as `pipe(...)`. `generator` may be a list;
+        sigma as `StableDiffusionBackbone.initial_noise`."""
         height, width = size or self.default_size()
         shape = (
             batch_size,
@@ -120,7 +115,7 @@ class VideoBackbone(StableDiffusionBackbone):
             width // self.vae_scale_factor,
         )
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        return noise * self.scheduler.init_noise_sigma
+        return noise * (self.scheduler.init_noise_sigma if sigma is None else sigma)
 
     # --- LoRA for sampling ---------------------------------------------------------------------------
     def load_lora(self, directory: str) -> None:

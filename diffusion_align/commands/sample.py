@@ -104,7 +104,7 @@ def run(args) -> int:
     from diffusion_align.config import save_config
     from diffusion_align.images import save_grid, save_images, slug
     from diffusion_align.registry import build_backbone, build_sampler
-    from diffusion_align.rollout import rollout
+    from diffusion_align.rollout import generate
     from diffusion_align.score_files import INDEX
 
     if args.num_per_prompt < 1:
@@ -133,11 +133,10 @@ def run(args) -> int:
         seeds = range(s.seed + start, s.seed + start + len(batch))
         generators = [torch.Generator(backbone.device).manual_seed(seed) for seed in seeds]
         with torch.no_grad():
-            embeds = backbone.encode_prompts(batch, s.negative_prompt, guidance=s.guidance_scale > 1)
-            x_T = backbone.initial_noise(len(batch), generators, size)
-            traj = rollout(
-                backbone, sampler, embeds, x_T, s.num_steps, s.guidance_scale, s.eta, generator=generators
-            )
+            _, traj = generate(
+                backbone, sampler, batch, generators, s.num_steps, s.guidance_scale, s.eta,
+                s.negative_prompt, size,
+            )  # fmt: skip
         names = [f"{start + i:04d}_{slug(p)}" for i, p in enumerate(batch)]
         video = getattr(backbone, "is_video", False)  # (B, T, 3, H, W): mp4 + gif, first frame as the image
         if video:

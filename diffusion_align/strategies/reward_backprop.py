@@ -11,7 +11,9 @@ cut, with gradient through the denoiser calls of the window, the VAE decoder and
   x0 is re-noised n times to the last step's timestep, x1 = sqrt(a) x0 + sqrt(1 - a) z, and each is
   denoised by one step with gradient; the rewards are averaged.
 Steps before the cut are the collected ones (identical when the policy has not changed since collect; earlier
-denoiser outputs carry no gradient either way, as in AlignProp's `noise_pred.detach()`).
+denoiser outputs carry no gradient either way, as in AlignProp's `noise_pred.detach()`). The window runs in
+the one loop (`rollout(start=cut)`), so its latents are cast to the model dtype after each step exactly as
+the collected ones were.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from typing import Literal
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
 from diffusion_align.losses import sample_truncation
+from diffusion_align.rollout import rollout
 from diffusion_align.strategies.sampling import per_sample_generators, sample_batch, step_rows
 
 
@@ -109,14 +111,12 @@ class _RewardBackprop:
             for _ in range(draws):
                 z = randn_tensor(x0.shape, generator=gens, device=device, dtype=x0.dtype)
                 x1 = a.sqrt() * x0 + (1 - a).sqrt() * z
-                images = self.policy.backbone.decode(
-                    self.denoise(x1, len(batch["timesteps"]) - 1, batch, embeds, gens)
-                )
+                images = self.denoise(x1, len(batch["timesteps"]) - 1, embeds, gens)
                 totals.append(self.reward(images, prompts)[0])
             total = torch.stack(totals).mean(0)
         else:
             x = latents[r, micro["cut"]]
-            images = self.policy.backbone.decode(self.denoise(x, micro["cut"], batch, embeds, gens))
+            images = self.denoise(x, micro["cut"], embeds, gens)
             total = self.reward(images, prompts)[0]
         loss = -self.config.loss_scale * total.float().mean()
         return loss, {
@@ -124,21 +124,16 @@ class _RewardBackprop:
             "grad_steps": float(len(batch["timesteps"]) - micro["cut"]),
         }
 
-    def denoise(self, x: Tensor, start: int, batch: dict, embeds, gens) -> Tensor:
-        """Steps start..S-1 from x, with gradient through every denoiser call (DDIM update as in rollout)."""
-        s, backbone, sampler = self.sample, self.policy.backbone, self.policy.sampler
-        for i in range(start, len(batch["timesteps"])):
-            t = batch["timesteps"][i].to(x.device)
-            if self.config.gradient_checkpointing:
-                out = grad_checkpoint(backbone.predict, x, t, embeds, s.guidance_scale, use_reentrant=False)
-            else:
-                out = backbone.predict(x, t, embeds, s.guidance_scale)
-            mean, std = sampler.transition(out, t, x, s.num_steps, s.eta)
-            if s.eta > 0:
-                x = mean + std * randn_tensor(x.shape, generator=gens, device=x.device, dtype=mean.dtype)
-            else:
-                x = mean
-        return x
+    def denoise(self, x: Tensor, start: int, embeds, gens) -> Tensor:
+        """Steps start..S-1 of the one loop from x, with gradient through every denoiser call; the decoded
+        images (B, 3, H, W) in [0, 1]."""
+        s = self.sample
+        steps = range(start, s.num_steps)
+        traj = rollout(
+            self.policy.backbone, self.policy.sampler, embeds, x, s.num_steps, s.guidance_scale, s.eta,
+            grad_steps=steps, checkpoint=self.config.gradient_checkpointing, generator=gens, start=start,
+        )  # fmt: skip
+        return traj.images
 
     def state_dict(self) -> dict:
         return {}

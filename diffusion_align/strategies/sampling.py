@@ -11,7 +11,7 @@ from torch import Tensor
 
 from diffusion_align.backbones.stable_diffusion import PromptEmbeds
 from diffusion_align.errors import UserError
-from diffusion_align.rollout import rollout
+from diffusion_align.rollout import generate
 
 
 def grouped_prompts(prompts: list[str], size: int, who: str) -> list[str]:
@@ -65,12 +65,6 @@ def per_sample_generators(generator, n: int, device) -> list[torch.Generator]:
     return [torch.Generator(device).manual_seed(s) for s in seeds]
 
 
-def encode(policy, sample, prompts: list[str]) -> PromptEmbeds:
-    return policy.backbone.encode_prompts(
-        prompts, sample.negative_prompt, guidance=sample.guidance_scale > 1, size=image_size(sample)
-    )
-
-
 def image_size(sample) -> tuple[int, int] | None:
     return (sample.height, sample.width) if sample.height and sample.width else None
 
@@ -98,22 +92,10 @@ def sample_batch(
     for start in range(0, n, sample.batch_size):
         chunk = slice(start, min(n, start + sample.batch_size))
         chunk_prompts, chunk_gens = prompts[chunk], gens[chunk]
-        e = encode(policy, sample, chunk_prompts)
-        noise = (
-            backbone.initial_noise(len(chunk_prompts), chunk_gens, image_size(sample))
-            if x_T is None
-            else x_T[chunk]
-        )
-        traj = rollout(
-            backbone,
-            policy.sampler,
-            e,
-            noise,
-            sample.num_steps,
-            sample.guidance_scale,
-            sample.eta,
-            generator=chunk_gens,
-        )
+        e, traj = generate(
+            backbone, policy.sampler, chunk_prompts, chunk_gens, sample.num_steps, sample.guidance_scale,
+            sample.eta, sample.negative_prompt, image_size(sample), None if x_T is None else x_T[chunk],
+        )  # fmt: skip
         total, components = reward(traj.images, chunk_prompts)
         embeds.append(e)
         latents.append(traj.latents)
