@@ -63,7 +63,7 @@ class PromptEmbeds:
 
 
 class StableDiffusionBackbone:
-    """The `backbones.protocol.Backbone` of SD 1.x/2.x, SDXL and LCM pipelines (and, by inheritance, video)."""
+    """The `backbones.protocol.Backbone` of SD 1.x/2.x, SDXL and LCM pipelines (and, inherited, video)."""
 
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (diffusers scripts, DDPO)
 
