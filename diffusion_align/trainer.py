@@ -7,9 +7,7 @@ The trainer receives built objects and plain options (`training_run`) and import
 Works alone (`diffusion-align train CONFIG`) and under `accelerate launch`. Conventions:
 - `train.samples_per_epoch` and `train.batch_size` are global: every process collects and trains on
   `/ world_size` of them; process r owns global samples r*n .. (r+1)*n-1 of an epoch.
-- Randomness is derived, not carried: sample j of epoch e draws its noise from its own generator seeded from
-  (train.seed, e, j), and the epoch's prompts from (train.seed, e). So noise never repeats across processes
-  or epochs, a run gives the same samples whatever the number of processes, and resume is exact.
+- Randomness is derived, not carried (`epoch_draws`): the same samples whatever the number of processes.
 - Gradient accumulation follows the strategy's plan: `loss * weight` per micro-batch, one optimizer step per
   plan step. The UNet is not wrapped in DDP (the backbone calls it directly, and a strategy may run several
   forwards per backward); the LoRA gradients of a step are averaged across processes with one all-reduce
@@ -25,7 +23,6 @@ Works alone (`diffusion-align train CONFIG`) and under `accelerate launch`. Conv
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -34,17 +31,14 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_align import run_checkpoint
-from diffusion_align.across_processes import mean_dicts, mean_over_processes, reward_metrics, sync_gradients
+from diffusion_align.across_processes import mean_dicts, mean_over_processes, reward_metrics
+from diffusion_align.epoch_draws import epoch_prompts, plan_generator, sample_generators
 from diffusion_align.errors import UserError
 from diffusion_align.evaluation import evaluate
+from diffusion_align.optimizer_step import optimizer_step
 from diffusion_align.run_outputs import export_merged, plot_reward_curve
 from diffusion_align.tracking import Tracker
 from diffusion_align.training_run import TrainingRun
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from keys (train.seed, epoch, sample index, ...); distinct keys, unrelated seeds."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class Trainer:
@@ -117,21 +111,6 @@ class Trainer:
         seconds = self.seconds_before + time.perf_counter() - start
         return self.finish(eval_after, seconds)
 
-    def epoch_prompts(self, epoch: int) -> list[str]:
-        """This process's prompts of `epoch`: the global list is drawn uniformly with replacement (DDPO)."""
-        rng = np.random.default_rng(derive_seed(self.options.seed, epoch, 1))
-        chosen = rng.integers(len(self.train_prompts), size=self.options.samples_per_epoch)
-        mine = chosen[self.rank * self.local_samples : (self.rank + 1) * self.local_samples]
-        return [self.train_prompts[i] for i in mine]
-
-    def sample_generators(self, epoch: int) -> list[torch.Generator]:
-        """One noise stream per sample, keyed by its global index in the epoch."""
-        first = self.rank * self.local_samples
-        return [
-            torch.Generator(self.accelerator.device).manual_seed(derive_seed(self.options.seed, epoch, 2, j))
-            for j in range(first, first + self.local_samples)
-        ]
-
     def train_epoch(self, epoch: int) -> dict[str, float]:
         o, acc = self.options, self.accelerator
         epoch_start = time.perf_counter()
@@ -139,7 +118,11 @@ class Trainer:
         unet.eval()
         self.reward.take()
         with torch.no_grad(), acc.autocast():
-            batch = self.strategy.collect(self.epoch_prompts(epoch), self.sample_generators(epoch))
+            prompts = epoch_prompts(
+                self.train_prompts, o.seed, epoch, o.samples_per_epoch, self.rank, self.local_samples
+            )
+            gens = sample_generators(o.seed, epoch, self.rank, self.local_samples, acc.device)
+            batch = self.strategy.collect(prompts, gens)
         recorded = self.reward.take()
         if "reward" in batch:
             recorded["total"] = batch["reward"].detach().float().flatten()
@@ -150,7 +133,7 @@ class Trainer:
         grad_norms = []
         total_steps = 0
         for inner in range(getattr(self.strategy, "num_inner_epochs", 1)):
-            plan_gen = torch.Generator().manual_seed(derive_seed(o.seed, epoch, 3, inner, self.rank))
+            plan_gen = plan_generator(o.seed, epoch, inner, self.rank)
             plan = self.strategy.plan(batch, self.local_batch, o.micro_batch_size, plan_gen)
             steps = tqdm(
                 plan,
@@ -181,33 +164,10 @@ class Trainer:
         return metrics
 
     def optimizer_step(self, micros: list[dict], epoch: int, step_index: int, sink: list) -> float:
-        """Accumulate `loss * weight` over the step's micros, sync, clip, step; returns the grad norm."""
-        acc = self.accelerator
-        self.optimizer.zero_grad(set_to_none=True)
-        bad = None
-        for i, micro in enumerate(micros):
-            with acc.autocast():
-                loss, metrics = self.strategy.loss(micro)
-            where = f"epoch {epoch + 1}, optimizer step {step_index + 1}, micro-batch {i + 1}"
-            if bad is None and not torch.isfinite(loss.detach()).all():
-                culprit = next((k for k, v in metrics.items() if not math.isfinite(float(v))), None)
-                bad = f"non-finite loss ({float(loss.detach())}) at {where}" + (
-                    f"; first non-finite metric: {culprit}" if culprit else ""
-                )
-            acc.backward(loss * float(micro["weight"]))
-            sink.append({"train/loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}})
-        sync_gradients(self.params, acc, bad, epoch, step_index)
-        norm = acc.clip_grad_norm_(self.params, self.options.max_grad_norm)
-        norm = float(norm) if norm is not None else float("nan")
-        if (
-            not math.isfinite(norm) and acc.scaler is None
-        ):  # with fp16 loss scaling, inf means "skip this step"
-            raise UserError(
-                f"non-finite gradient norm at epoch {epoch + 1}, optimizer step {step_index + 1} (metric "
-                "train/grad_norm); lower train.learning_rate or raise train.max_grad_norm clipping"
-            )
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = optimizer_step(
+            self.strategy, micros, self.accelerator, self.params, self.optimizer, self.scheduler,
+            self.options.max_grad_norm, epoch, step_index, sink,
+        )  # fmt: skip
         self.global_step += 1
         return norm
 
