@@ -46,6 +46,7 @@ class Sampler(Protocol):
     transition(model_output, t, x_t, num_steps, eta) -> (mean, std): the Gaussian p(x_prev | x_t), from
         which `gaussian_log_prob` and `gaussian_kl` give the log-probs and KLs the likelihood methods use.
         Samplers without Gaussian transitions (`SchedulerSampler`) raise; rollouts still work.
+    add_noise(x0, noise, t): a draw of the forward process q(x_t | x0) (DRaFT-LV re-noising, offline data).
     eta: the default noise level of `step`/`transition`; init_noise_sigma: the scale of x_T.
     """
 
@@ -59,6 +60,8 @@ class Sampler(Protocol):
     def step(self, model_output, t, x_t, num_steps: int, eta: float | None, generator=None) -> Step: ...
 
     def transition(self, model_output, t, x_t, num_steps: int, eta: float | None = None): ...
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t) -> Tensor: ...
 
 
 def gaussian_step(
@@ -119,6 +122,11 @@ class DDIMSampler:
         mean, std, x0 = self._transition(model_output, t, x_t, num_steps, eta)
         prev, log_prob = gaussian_step(mean, std, x_t, eta, generator)
         return Step(prev, log_prob, x0)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t) -> Tensor:
+        """sqrt(a_t) x0 + sqrt(1 - a_t) noise, a_t = alpha_bar at the timestep t (an int or 0-d tensor)."""
+        a = self.alphas_cumprod[int(t)].float().to(x0.device)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def _alphas(self, t: Tensor | int, num_steps: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """alpha_bar at t and at t - T/num_steps (final_alpha_cumprod below 0), broadcastable on `like`."""

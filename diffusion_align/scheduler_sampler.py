@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 from torch import Tensor
 
 from diffusion_align.samplers import Step
@@ -41,6 +42,9 @@ class SchedulerSampler:
         kwargs = {"eta": self.eta if eta is None else float(eta)} if self._takes_eta else {}
         out = self.scheduler.step(model_output, t, x_t, generator=generator, return_dict=False, **kwargs)
         return Step(prev=out[0], x0=out[1] if len(out) > 1 else None)
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t) -> Tensor:
+        return self.scheduler.add_noise(x0, noise, torch.as_tensor(t).reshape(1))
 
     def transition(self, *args, **kwargs):
         raise NotImplementedError(

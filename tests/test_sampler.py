@@ -72,3 +72,15 @@ def test_kl_zero_for_equal_means_and_matches_closed_form():
     torch.testing.assert_close(
         gaussian_kl(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2), torch.tensor(2.0)), torch.tensor([0.3125])
     )
+
+
+def test_forward_noising_matches_diffusers():
+    """`add_noise` (DRaFT-LV's re-noising) is the scheduler's q(x_t | x0), for both sampler kinds."""
+    from diffusion_align.scheduler_sampler import SchedulerSampler
+
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    expected = scheduler.add_noise(x0, noise, torch.tensor([801]))
+    for sampler in (DDIMSampler(scheduler), SchedulerSampler(scheduler)):
+        assert torch.allclose(sampler.add_noise(x0, noise, torch.tensor(801)), expected, atol=1e-6)

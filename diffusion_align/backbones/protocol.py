@@ -26,8 +26,12 @@ class Backbone(Protocol):
     def encode_prompts(self, prompts: list[str], negative_prompt=None, guidance: bool = True, size=None):
         """Frozen text encoders -> the family's `PromptEmbeds` for B prompts (negatives when `guidance`)."""
 
-    def initial_noise(self, batch_size: int, generator=None, size=None, *, sigma=None) -> Tensor:
-        """x_T drawn as the family's pipeline draws it (same generator, same image as `pipe(...)`)."""
+    def latent_shape(self, batch_size: int, size=None, **options) -> tuple[int, ...]:
+        """The latent shape of `batch_size` samples at `size` (height, width); video adds num_frames."""
+
+    def initial_noise(self, batch_size: int, generator=None, size=None, *, sigma=None, **shape) -> Tensor:
+        """x_T of `latent_shape(batch_size, size, **shape)` drawn as the family's pipeline draws it (same
+        generator, same image as `pipe(...)`), times sigma (None = the scheduler's init_noise_sigma)."""
 
     def predict(self, x_t: Tensor, t: Tensor, embeds, guidance_scale: float) -> Tensor:
         """The denoiser's output at t, with the family's guidance (classifier-free for SD/SDXL/video, in

@@ -167,6 +167,12 @@ class StableDiffusionBackbone:
         mean, std = self._latent_stats(dist.mean)
         return (dist.sample(generator) - mean) * self.vae.config.scaling_factor / std
 
+    def latent_shape(self, batch_size: int, size: tuple[int, int] | None = None) -> tuple[int, ...]:
+        """(B, C, H/f, W/f) for images of `size` (height, width; None = the model's default)."""
+        height, width = size or self.default_size()
+        f = self.vae_scale_factor
+        return batch_size, self.unet.config.in_channels, height // f, width // f
+
     def initial_noise(
         self,
         batch_size: int,
@@ -174,17 +180,13 @@ class StableDiffusionBackbone:
         size: tuple[int, int] | None = None,
         *,
         sigma: float | None = None,
+        **shape_options,
     ) -> Tensor:
-        """x_T ~ N(0, sigma^2 I) of shape (B, C, H/f, W/f), drawn exactly as the diffusers pipelines draw
-        it, so the same generator gives the same image as `pipe(...)`. `generator` may be a list (one per
-        sample); sigma: None = the scheduler's `init_noise_sigma` (1.0 gives ReNO's standard-normal z)."""
-        height, width = size or self.default_size()
-        shape = (
-            batch_size,
-            self.unet.config.in_channels,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-        )
+        """x_T ~ N(0, sigma^2 I) of `latent_shape(batch_size, size, **shape_options)`, drawn exactly as the
+        diffusers pipelines draw it, so the same generator gives the same image as `pipe(...)`. `generator`
+        may be a list (one per sample); sigma: None = the scheduler's `init_noise_sigma` (1.0 gives ReNO's
+        standard-normal z)."""
+        shape = self.latent_shape(batch_size, size, **shape_options)
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         return noise * (self.scheduler.init_noise_sigma if sigma is None else sigma)
 

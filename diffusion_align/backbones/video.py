@@ -12,7 +12,6 @@ Same behaviour API as `StableDiffusionBackbone`, with a frame axis:
 from __future__ import annotations
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from diffusion_align.backbones.stable_diffusion import PromptEmbeds, StableDiffusionBackbone
@@ -94,28 +93,13 @@ class VideoBackbone(StableDiffusionBackbone):
         latents = super().encode(videos.flatten(0, 1), generator)
         return latents.view(b, t, *latents.shape[1:]).transpose(1, 2)
 
-    def initial_noise(
-        self,
-        batch_size: int,
-        generator=None,
-        size: tuple[int, int] | None = None,
-        num_frames: int | None = None,
-        *,
-        sigma: float | None = None,
-    ) -> Tensor:
-        """x_T ~ N(0, I) of shape (B, C, T, H/f, W/f), drawn as AnimateDiffPipeline / TextToVideoSDPipeline
-        draw it, so the same generator gives the same video as `pipe(...)`. `generator` may be a list;
-        sigma as `StableDiffusionBackbone.initial_noise`."""
-        height, width = size or self.default_size()
-        shape = (
-            batch_size,
-            self.unet.config.in_channels,
-            num_frames or self.num_frames,
-            height // self.vae_scale_factor,
-            width // self.vae_scale_factor,
-        )
-        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        return noise * (self.scheduler.init_noise_sigma if sigma is None else sigma)
+    def latent_shape(
+        self, batch_size: int, size: tuple[int, int] | None = None, num_frames: int | None = None
+    ) -> tuple[int, ...]:
+        """(B, C, T, H/f, W/f), the layout AnimateDiffPipeline / TextToVideoSDPipeline draw x_T in, so
+        `initial_noise(..., num_frames=T)` with the same generator gives the same video as `pipe(...)`."""
+        b, c, h, w = super().latent_shape(batch_size, size)
+        return b, c, num_frames or self.num_frames, h, w
 
     # --- LoRA for sampling ---------------------------------------------------------------------------
     def load_lora(self, directory: str) -> None:

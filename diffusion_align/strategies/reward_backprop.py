@@ -106,11 +106,10 @@ class _RewardBackprop:
         if draws > 0:
             x0 = latents[r, -1]
             t = batch["timesteps"][-1]
-            a = self.policy.sampler.alphas_cumprod[int(t)].float().to(device)
             totals = []
             for _ in range(draws):
                 z = randn_tensor(x0.shape, generator=gens, device=device, dtype=x0.dtype)
-                x1 = a.sqrt() * x0 + (1 - a).sqrt() * z
+                x1 = self.policy.sampler.add_noise(x0, z, t)
                 images = self.denoise(x1, len(batch["timesteps"]) - 1, embeds, gens)
                 totals.append(self.reward(images, prompts)[0])
             total = torch.stack(totals).mean(0)
