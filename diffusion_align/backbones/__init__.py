@@ -1,5 +1,6 @@
 """Backbone loading: a built-in name (`tiny-sd`, `tiny-sdxl`, bundled models), a local pipeline folder or a
-Hugging Face hub id. One module per model family; this file only resolves names and reports failures."""
+Hugging Face hub id. One module per model family, each implementing the `protocol.Backbone` members the
+engine uses; this file only maps pipeline classes to families, resolves names and reports failures."""
 
 from __future__ import annotations
 
