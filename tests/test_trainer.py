@@ -59,7 +59,7 @@ class Toy:
             s.eta,
             generator=generator,
         )
-        total, _ = self.reward(traj.images, prompts)
+        total, _ = self.reward.score(traj.images, prompts)
         every = self.group.gather(total)
         adv = self.group.local((every - every.mean()) / (every.std() + 1e-6))
         return {
@@ -363,7 +363,7 @@ def test_build_reward_components_and_truthful_flag():
     prompts = ["one small red circle on the left on a black background"] * 2
     soft = build_reward([RewardSettings(name="shapes_color_soft")])
     assert soft.differentiable
-    total, parts = soft(images, prompts)
+    total, parts = soft.score(images, prompts)
     total.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
     mix = build_reward(
@@ -374,7 +374,7 @@ def test_build_reward_components_and_truthful_flag():
         "jpeg_compressibility",
         "jpeg_compressibility_2",
     ]
-    total, parts = mix(images.detach(), prompts)
+    total, parts = mix.score(images.detach(), prompts)
     expected = (
         parts["shapes_color_soft"] + 0.5 * parts["jpeg_compressibility"] + 2 * parts["jpeg_compressibility_2"]
     )

@@ -114,7 +114,7 @@ def sample_batch(
             sample.eta,
             generator=chunk_gens,
         )
-        total, components = reward(traj.images, chunk_prompts)
+        total, components = reward.score(traj.images, chunk_prompts)
         embeds.append(e)
         latents.append(traj.latents)
         log_probs.append(traj.log_probs)
