@@ -29,7 +29,7 @@ from diffusion_align.few_step import (
     generation_scheduler,
     make_generator,
 )
-from diffusion_align.reno import as_reward_dict, score
+from diffusion_align.reno import reno_reward
 
 
 @dataclass
@@ -62,7 +62,7 @@ def best_of_n(
     progress: bool = True,
 ) -> SearchResult:
     """The best of `n` samples of `backbone` for `prompt` under the weighted `reward` (any reward works)."""
-    rewards, weights = as_reward_dict(reward, weights)
+    reward = reno_reward(reward, weights)
     generate = make_generator(backbone, num_steps, guidance_scale, scheduler)
     embeds = backbone.encode_prompts([prompt], negative_prompt, guidance=guidance_scale > 1, size=size)
     totals, best = [], (-float("inf"), None, None, None)
@@ -70,7 +70,7 @@ def best_of_n(
         seeds = list(range(seed + start, seed + min(n, start + batch_size)))
         z = draw_noise(backbone, seeds, size)
         images = generate(z, embeds.repeat_interleave(len(seeds)), seeds)
-        total, _ = score(rewards, weights, images, [prompt] * len(seeds))
+        total, _ = reward.score(images, [prompt] * len(seeds))
         totals.append(total.float().cpu())
         i = int(total.argmax())
         if float(total[i]) > best[0]:
@@ -161,7 +161,7 @@ def fk_steering(
     """FK steering with the backbone's scheduler (DDIM-eta with trailing spacing for DDIM-type schedulers,
     as `few_step.make_generator`); returns the best final particle. resample_window: inclusive step-index
     range (0 = noisiest step)."""
-    rewards, weights = as_reward_dict(reward, weights)
+    reward = reno_reward(reward, weights)
     k = num_particles
     # resampling draws come from their own generator, apart from the step noise
     resampler = FKResampler(k, lmbda, potential, adaptive, torch.Generator().manual_seed(seed + 2**31))
@@ -182,7 +182,7 @@ def fk_steering(
         x_prev, x0 = sched.step(out, t, x, generator=gens, return_dict=False, **step_kwargs)[:2]
         if i in resample_at:
             images = backbone.decode(x0.to(backbone.dtype))
-            r, _ = score(rewards, weights, images, [prompt] * k)
+            r, _ = reward.score(images, [prompt] * k)
             r, images = r.float().cpu(), images.float().cpu()
             calls += k
             idx = resampler(r, final=i == num_steps - 1)
