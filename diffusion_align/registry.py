@@ -85,10 +85,12 @@ def custom_components(config) -> list[dict]:
     found = []
     for section in ("rewards", "eval_rewards"):
         for i, settings in enumerate(getattr(config, section)):
-            if settings.name not in rewards_lib.REWARDS:
-                found.append(
-                    _code_origin(f"{section}.{i}.name", settings.name, rewards_lib.resolve(settings.name))
-                )
+            refs = {f"{section}.{i}.name": settings.name}
+            if settings.name == "per_frame":  # the video reward builds its image reward by name too
+                refs[f"{section}.{i}.args.reward"] = settings.args.get("reward")
+            for key, ref in refs.items():
+                if isinstance(ref, str) and ref not in rewards_lib.REWARDS:
+                    found.append(_code_origin(key, ref, rewards_lib.resolve(ref)))
     if config.strategy is not None:
         cls = type(config.strategy)
         ref = f"{cls.__module__}:{cls.__qualname__}"
