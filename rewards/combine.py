@@ -109,6 +109,20 @@ def weighted_sum(
     return total, parts
 
 
+class FunctionReward(Reward):
+    """A plain `(images, prompts) -> (B,)` callable (a reward may be one, see `rewards.build`) as a module;
+    differentiable only if the callable says so with a `differentiable` attribute."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.name = getattr(fn, "name", getattr(fn, "__name__", "reward"))
+        self.differentiable = bool(getattr(fn, "differentiable", False))
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.fn(images, prompts)
+
+
 class Combined(Reward):
     """The one reward object from config to loss: a weighted sum of named rewards, each optionally normalised.
 
@@ -135,7 +149,9 @@ class Combined(Reward):
         record: bool = False,
     ):
         super().__init__()
-        self.rewards = nn.ModuleDict(dict(rewards))
+        self.rewards = nn.ModuleDict(
+            {n: r if isinstance(r, nn.Module) else FunctionReward(r) for n, r in rewards.items()}
+        )
         self.weights = {n: float((weights or {}).get(n, 1.0)) for n in self.rewards}
         if weights and set(weights) - set(self.rewards):
             raise RewardError(f"weights for unknown rewards {sorted(set(weights) - set(self.rewards))}")

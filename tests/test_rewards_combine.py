@@ -149,3 +149,10 @@ def test_recording_keeps_every_score_call_until_take():
     quiet = rewards.Combined({"a": Mean()})
     quiet.score(xs[0], [""] * 2)
     assert quiet.take() == {}
+
+
+def test_a_plain_function_is_a_component_too():
+    c = rewards.Combined({"a": Mean(1.0), "f": lambda images, prompts: 2 * images.mean(dim=(1, 2, 3))})
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(c(x, ["", ""]), 3 * x.mean(dim=(1, 2, 3)))
+    assert c.non_differentiable == ["f"]  # nothing says the function keeps a gradient
