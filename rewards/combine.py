@@ -1,4 +1,5 @@
 """Weighted sums of rewards, with optional per-reward normalisation, keeping every component for logging.
+`Combined` is the one reward object that training, ReNO, search and `score` use (see its docstring).
 
     total, parts = weighted_sum({"aesthetic": r1, "jpeg": r2}, images, prompts, weights={"jpeg": 0.1})
 

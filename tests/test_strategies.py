@@ -342,7 +342,7 @@ def test_d3po_update_raises_the_winners_likelihood_over_the_losers(swap):
     [(-1.0, "shapes_color", 0.0), (1.0, "jpeg_incompressibility", 0.0), (-2.0, "shapes_color", 1.0)],
 )
 def test_d3po_prefers_by_the_signed_weights_of_the_trainers_reward(policy, soft_weight, other, other_weight):
-    """Through the trainer's own reward wrappers: each component counts as weight * value, so a negative
+    """With the trainer's reward object: each component counts as weight * value, so a negative
     weight is preferred smaller and a zero-weight (log-only) component neither decides nor blocks a pair."""
     from diffusion_align.registry import build_reward
     from diffusion_align.settings import RewardSettings
