@@ -30,7 +30,6 @@ from diffusion_align.epoch_draws import derive_seed
 from diffusion_align.errors import UserError
 from diffusion_align.prompts import load_prompts
 from diffusion_align.registry import (
-    RecordingReward,
     build_backbone,
     build_policy,
     build_reward,
@@ -73,7 +72,7 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
     torch.manual_seed(derive_seed(t.seed, acc.process_index, 7))  # dropout etc.; saved with the RNG state
     backbone = build_backbone(dataclasses.replace(config.model, device=str(acc.device)))
     policy = build_policy(backbone, config.sample, config.lora)
-    reward = RecordingReward(build_reward(config.rewards, acc.device))
+    reward = build_reward(config.rewards, acc.device, record=True)  # the trainer logs every call
     eval_reward = build_reward(config.eval_rewards, acc.device) if config.eval_rewards else None
     group = AccelerateGroup(acc)
     strategy = build_strategy(config, policy, reward, group)

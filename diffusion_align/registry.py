@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from diffusion_align.backbones import load_backbone
 from diffusion_align.errors import UserError
 from diffusion_align.policy import Policy
@@ -18,6 +16,7 @@ from diffusion_align.settings import (
     SampleSettings,
     check_num_steps,
 )
+from rewards.combine import Combined
 
 
 def build_backbone(model: ModelSettings):
@@ -51,64 +50,12 @@ def build_policy(backbone, sample: SampleSettings, lora: LoraSettings) -> Policy
     return Policy(backbone, sampler, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
 
 
-class RewardFunction:
-    """`(images (B,3,H,W) in [0,1], prompts) -> (total (B,) float32, {name: raw (B,) scores})`.
-
-    A weighted sum (`rewards.combine.Combined`) of the configured rewards. `differentiable` is True only if
-    every component is (the total is detached otherwise). `raw_total` is the weighted sum of raw components
-    without the running normalisation, so evaluation never changes normaliser state and stays comparable.
-    """
-
-    def __init__(self, combined, weights: dict[str, float]):
-        self.combined, self.weights = combined, weights
-        self.differentiable = combined.differentiable
-        self.names = list(weights)
-
-    def __call__(self, images, prompts):
-        return self.combined.score(images, prompts)
-
-    def components(self, images, prompts) -> dict:
-        """Raw scores of every component, {name: (B,) float32}; no normaliser update."""
-        return {name: r(images, prompts).float() for name, r in self.combined.rewards.items()}
-
-    def raw_total(self, components: dict):
-        return sum(self.weights[name] * components[name] for name in self.names)
-
-    def state_dict(self) -> dict:
-        """Running normaliser statistics (checkpointed so a resumed run normalises exactly the same)."""
-        return self.combined.normalizers.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.combined.normalizers.load_state_dict(state)
-
-
-class RecordingReward:
-    """The reward as strategies see it, keeping every call's raw components so the trainer can log them."""
-
-    def __init__(self, reward):
-        self.reward = reward
-        self.differentiable = reward.differentiable
-        self.calls: list[dict[str, torch.Tensor]] = []
-
-    def __call__(self, images, prompts):
-        total, components = self.reward(images, prompts)
-        self.calls.append({"total": total.detach(), **{k: v.detach() for k, v in components.items()}})
-        return total, components
-
-    def take(self) -> dict[str, torch.Tensor]:
-        """Concatenated records since the last `take`, {"total" | component: (N,)}; empty if no call."""
-        calls, self.calls = self.calls, []
-        if not calls:
-            return {}
-        return {k: torch.cat([c[k].float().flatten() for c in calls]) for k in calls[0]}
-
-
-def build_reward(rewards_settings: list[RewardSettings], device=None) -> RewardFunction:
-    """The configured rewards as one weighted sum; component names are the reward names (`name_2`, ... when a
+def build_reward(rewards_settings: list[RewardSettings], device=None, record: bool = False) -> Combined:
+    """The configured rewards as one `rewards.Combined` (weighted, optionally running-normalised; `record`:
+    keep every `score` call for `take()`); component names are the reward names (`name_2`, ... when a
     reward appears twice, e.g. with different args)."""
     import rewards as rewards_lib
     from diffusion_align.bundled import resolve_reward_args
-    from rewards.combine import Combined
 
     if not rewards_settings:
         raise UserError(
@@ -123,10 +70,10 @@ def build_reward(rewards_settings: list[RewardSettings], device=None) -> RewardF
         models[key] = rewards_lib.build(settings.name, **resolve_reward_args(settings.args))
         weights[key] = float(settings.weight)
         normalize[key] = "running" if settings.normalize else None
-    combined = Combined(models, weights, normalize)
+    combined = Combined(models, weights, normalize, record=record)
     if device is not None:
         combined.to(device)
-    return RewardFunction(combined, weights)
+    return combined
 
 
 def custom_components(config) -> list[dict]:
@@ -138,10 +85,12 @@ def custom_components(config) -> list[dict]:
     found = []
     for section in ("rewards", "eval_rewards"):
         for i, settings in enumerate(getattr(config, section)):
-            if settings.name not in rewards_lib.REWARDS:
-                found.append(
-                    _code_origin(f"{section}.{i}.name", settings.name, rewards_lib.resolve(settings.name))
-                )
+            refs = {f"{section}.{i}.name": settings.name}
+            if settings.name == "per_frame":  # the video reward builds its image reward by name too
+                refs[f"{section}.{i}.args.reward"] = settings.args.get("reward")
+            for key, ref in refs.items():
+                if isinstance(ref, str) and ref not in rewards_lib.REWARDS:
+                    found.append(_code_origin(key, ref, rewards_lib.resolve(ref)))
     if config.strategy is not None:
         cls = type(config.strategy)
         ref = f"{cls.__module__}:{cls.__qualname__}"

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from diffusion_align.errors import UserError
 from diffusion_align.few_step import draw_noise, make_generator
+from rewards.combine import Combined
 
 # ReNO's reward weights (its losses, rewritten on our reward scales: HPS cosine, CLIP 100*cos,
 # PickScore logit, ImageReward score); other rewards default to 1. Aesthetic is 0 in ReNO (off).
@@ -42,31 +43,28 @@ def chi_regulariser(z: Tensor) -> Tensor:
     return 0.5 * norm**2 - (d - 1) * torch.log(norm)
 
 
-def as_reward_dict(reward, weights: Mapping[str, float] | None = None) -> tuple[dict, dict[str, float]]:
-    """A reward module or {name: module} -> ({name: module}, {name: weight}); weights default to ReNO's."""
+def reno_reward(reward, weights: Mapping[str, float] | None = None) -> Combined:
+    """A reward module, {name: module} or a `Combined` -> one `Combined`; weights default to ReNO's."""
+    if isinstance(reward, Combined):
+        if weights:
+            raise UserError("weights go into the Combined reward itself; pass weights=None with a Combined")
+        return reward
     rewards = dict(reward) if isinstance(reward, Mapping) else {getattr(reward, "name", "reward"): reward}
     weights = dict(weights or {})
     unknown = set(weights) - set(rewards)
     if unknown:
         raise UserError(f"weights given for unknown rewards {sorted(unknown)}; rewards are {sorted(rewards)}")
-    return rewards, {n: float(weights.get(n, RENO_DEFAULT_WEIGHTS.get(n, 1.0))) for n in rewards}
+    return Combined(rewards, {n: float(weights.get(n, RENO_DEFAULT_WEIGHTS.get(n, 1.0))) for n in rewards})
 
 
-def require_differentiable(rewards: Mapping) -> None:
-    for name, r in rewards.items():
-        if not getattr(r, "differentiable", False):
-            raise UserError(
-                f"reward {name!r} is not differentiable, so ReNO cannot optimise the noise against it; "
-                "use a differentiable reward (e.g. hpsv2, imagereward, clip, pickscore, shapes_color_soft) "
-                "or best-of-N search (diffusion_align.search.best_of_n)"
-            )
-
-
-def score(rewards: Mapping, weights: Mapping[str, float], images: Tensor, prompts: list[str]):
-    """(weighted total (B,), {name: raw (B,)}), keeping the gradient to `images`."""
-    from rewards import weighted_sum
-
-    return weighted_sum(rewards, images, prompts, weights)
+def require_differentiable(reward: Combined) -> None:
+    if reward.non_differentiable:
+        name = reward.non_differentiable[0]
+        raise UserError(
+            f"reward {name!r} is not differentiable, so ReNO cannot optimise the noise "
+            "against it; use a differentiable reward (e.g. hpsv2, imagereward, clip, pickscore, "
+            "shapes_color_soft) or best-of-N search (diffusion_align.search.best_of_n)"
+        )
 
 
 @dataclass
@@ -119,15 +117,16 @@ def reno(
     regenerate_backbone=None,
     progress: bool = True,
 ) -> RenoResult:
-    """Optimise the initial noise of `backbone` for `prompt` against `reward` (a module or {name: module}).
+    """Optimise the initial noise of `backbone` for `prompt` against `reward` (a module, {name: module} or a
+    `rewards.Combined`; see `reno_reward`).
 
     iterations: number of images generated and scored (= reward calls); an optimiser step follows every one
     but the last. num_steps/guidance_scale/scheduler: the few-step generator (see `few_step.make_generator`).
     regenerate_steps: also render the best noise with that many steps (of `regenerate_backbone`, default the
     same model) and score it. Deterministic for a seed (z and step noise come from CPU generators).
     """
-    rewards, weights = as_reward_dict(reward, weights)
-    require_differentiable(rewards)
+    reward = reno_reward(reward, weights)
+    require_differentiable(reward)
     if iterations < 1:
         raise UserError(f"iterations must be at least 1, got {iterations}")
     generate = make_generator(backbone, num_steps, guidance_scale, scheduler, checkpoint)
@@ -140,7 +139,7 @@ def reno(
     for it in tqdm(range(iterations), desc="reno", disable=not progress):
         opt.zero_grad(set_to_none=True)
         images = generate(z, embeds, [seed])
-        total, parts = score(rewards, weights, images, [prompt])
+        total, parts = reward.score(images, [prompt])  # keeps the gradient to the images
         reg = reg_weight * chi_regulariser(z)
         loss = (-total + reg).sum()
         value = float(total.detach().sum())
@@ -178,7 +177,7 @@ def reno(
     )
     if regenerate_steps:
         result.regenerated, result.regenerated_rewards = regenerate(
-            regenerate_backbone or backbone, rewards, weights, prompt, result.best_noise, seed,
+            regenerate_backbone or backbone, reward, prompt, result.best_noise, seed,
             regenerate_steps, guidance_scale, scheduler if regenerate_backbone is None else "auto",
             negative_prompt, size,
         )  # fmt: skip
@@ -186,14 +185,12 @@ def reno(
 
 
 @torch.no_grad()
-def regenerate(
-    backbone, rewards, weights, prompt, z, seed, num_steps, guidance_scale, scheduler, negative, size
-):
+def regenerate(backbone, reward, prompt, z, seed, num_steps, guidance_scale, scheduler, negative, size):
     """The noise z through a multi-step model; returns ((3, H, W) image, {name: score, "total": total})."""
     generate = make_generator(backbone, num_steps, guidance_scale, scheduler)
     embeds = backbone.encode_prompts([prompt], negative, guidance=guidance_scale > 1, size=size)
     image = generate(z.to(backbone.device), embeds, [seed])
-    total, parts = score(rewards, weights, image, [prompt])
+    total, parts = reward.score(image, [prompt])
     return image[0].float().cpu(), {
         **{n: float(p.sum()) for n, p in parts.items()},
         "total": float(total.sum()),

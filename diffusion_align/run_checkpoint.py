@@ -20,7 +20,7 @@ def save(trainer, seconds: float) -> Path:
         t.policy.save_lora(folder / "lora", base_model=t.options.base_model)
         torch.save(t.optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(t.scheduler.state_dict(), folder / "scheduler.pt")
-        torch.save(t.reward_fn.state_dict(), folder / "reward.pt")
+        torch.save(t.reward.state_dict(), folder / "reward.pt")
         t.folder.save_config(folder / "config.yaml")  # what a resume is compared with
         if hasattr(t.strategy, "state_dict"):
             torch.save(t.strategy.state_dict(), folder / "strategy.pt")
@@ -53,7 +53,7 @@ def load(trainer, folder: Path) -> dict:
     t.policy.load_lora(folder / "lora", t.options.base_model)
     t.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     t.scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    t.reward_fn.load_state_dict(torch.load(folder / "reward.pt", weights_only=True))
+    t.reward.load_state_dict(torch.load(folder / "reward.pt", weights_only=True))
     if (folder / "strategy.pt").is_file() and hasattr(t.strategy, "load_state_dict"):
         t.strategy.load_state_dict(torch.load(folder / "strategy.pt", weights_only=True))
     checkpointing.load_rng(folder, t.rank)

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusion_align.few_step import NoiseToImage, draw_noise, make_generator, make_sampler
-from diffusion_align.reno import as_reward_dict, score
+from diffusion_align.reno import reno_reward
 
 
 @dataclass
@@ -56,7 +56,7 @@ def best_of_n(
     progress: bool = True,
 ) -> SearchResult:
     """The best of `n` samples of `backbone` for `prompt` under the weighted `reward` (any reward works)."""
-    rewards, weights = as_reward_dict(reward, weights)
+    reward = reno_reward(reward, weights)
     generate = make_generator(backbone, num_steps, guidance_scale, scheduler)
     embeds = backbone.encode_prompts([prompt], negative_prompt, guidance=guidance_scale > 1, size=size)
     totals, best = [], (-float("inf"), None, None, None)
@@ -64,7 +64,7 @@ def best_of_n(
         seeds = list(range(seed + start, seed + min(n, start + batch_size)))
         z = draw_noise(backbone, seeds, size)
         images = generate(z, embeds.repeat_interleave(len(seeds)), seeds)
-        total, _ = score(rewards, weights, images, [prompt] * len(seeds))
+        total, _ = reward.score(images, [prompt] * len(seeds))
         totals.append(total.float().cpu())
         i = int(total.argmax())
         if float(total[i]) > best[0]:
@@ -155,7 +155,7 @@ def fk_steering(
     """FK steering with the backbone's scheduler (DDIM-eta with trailing spacing for DDIM-type schedulers,
     as `few_step.make_sampler`), the particles resampled inside the one loop through its `on_step`; returns
     the best final particle. resample_window: inclusive step-index range (0 = noisiest step)."""
-    rewards, weights = as_reward_dict(reward, weights)
+    reward = reno_reward(reward, weights)
     k = num_particles
     # resampling draws come from their own generator, apart from the step noise
     resampler = FKResampler(k, lmbda, potential, adaptive, torch.Generator().manual_seed(seed + 2**31))
@@ -170,7 +170,7 @@ def fk_steering(
         if i not in resample_at:
             return None
         images = backbone.decode(step.x0.to(backbone.dtype))
-        r, _ = score(rewards, weights, images, [prompt] * k)
+        r, _ = reward.score(images, [prompt] * k)
         r, images = r.float().cpu(), images.float().cpu()
         calls += k
         idx = resampler(r, final=i == num_steps - 1)

@@ -48,7 +48,6 @@ class Trainer:
         self.accelerator, self.group, self.options = run.accelerator, run.group, run.options
         self.backbone, self.policy, self.strategy = run.backbone, run.policy, run.strategy
         self.reward, self.eval_reward = run.reward, run.eval_reward
-        self.reward_fn = run.reward.reward  # the reward without the recording: raw scores, normaliser state
         self.optimizer, self.scheduler, self.folder = run.optimizer, run.scheduler, run.folder
         self.train_prompts, self.eval_prompts = run.train_prompts, run.eval_prompts
         acc, o = self.accelerator, self.options
@@ -179,7 +178,7 @@ class Trainer:
         if self.is_main and self.eval_prompts:
             result, path = evaluate(
                 self.policy,
-                self.reward_fn,
+                self.reward,
                 self.eval_reward,
                 self.eval_prompts,
                 self.options.eval,

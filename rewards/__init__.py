@@ -35,6 +35,7 @@ REWARDS: dict[str, str] = {
     "shapes_count": "rewards.shapes:ShapesCountReward",
     "shapes_color_soft": "rewards.shapes:ShapesColorSoftReward",
     "shapes_match": "rewards.shapes:ShapesMatchReward",
+    "per_frame": "rewards.video:VideoReward",  # a video reward: args {reward: <image reward>, mode, k, ...}
 }
 
 # Re-exports, imported on first use so `import rewards` stays light.

@@ -1,4 +1,5 @@
 """Weighted sums of rewards, with optional per-reward normalisation, keeping every component for logging.
+`Combined` is the one reward object that training, ReNO, search and `score` use (see its docstring).
 
     total, parts = weighted_sum({"aesthetic": r1, "jpeg": r2}, images, prompts, weights={"jpeg": 0.1})
 
@@ -109,12 +110,34 @@ def weighted_sum(
     return total, parts
 
 
-class Combined(Reward):
-    """A weighted sum of rewards as one `Reward`: `forward` -> total `(B,)`; `score` -> (total, parts).
+class FunctionReward(Reward):
+    """A plain `(images, prompts) -> (B,)` callable (a reward may be one, see `rewards.build`) as a module;
+    differentiable only if the callable says so with a `differentiable` attribute."""
 
-    `differentiable` is True only if every component is. A mix with a non-differentiable part returns a
-    detached total, so the flag stays truthful: a gradient that silently ignores some terms would bias
-    reward backprop. The last call's raw components are kept in `last_components` for logging.
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.name = getattr(fn, "name", getattr(fn, "__name__", "reward"))
+        self.differentiable = bool(getattr(fn, "differentiable", False))
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.fn(images, prompts)
+
+
+class Combined(Reward):
+    """The one reward object from config to loss: a weighted sum of named rewards, each optionally normalised.
+
+        c = Combined({"aesthetic": r1, "jpeg": r2}, weights={"jpeg": 0.1}, normalize={"aesthetic": "running"})
+        total, parts = c.score(images, prompts)   # (B,) and {name: raw (B,)}; updates running normalisers
+        c(images, prompts)                        # the total alone, as any `Reward`
+        c.components(images, prompts)             # raw scores, normalisers untouched (evaluation)
+        c.raw_total(parts)                        # the weighted sum of raw scores, without normalisation
+
+    `differentiable` is True only if every component is; `non_differentiable` names the others. A mix
+    with a non-differentiable part returns a detached total, so the flag stays truthful: a gradient that
+    silently ignores some terms would bias reward backprop. With `record = True` every `score` call's
+    detached total and components are kept until `take()` (the trainer logs them per epoch). The last
+    call's raw components are also in `last_components`.
     """
 
     name = "combined"
@@ -124,9 +147,12 @@ class Combined(Reward):
         rewards: Mapping[str, nn.Module],
         weights: Mapping[str, float] | None = None,
         normalize: str | float | Mapping | None = None,
+        record: bool = False,
     ):
         super().__init__()
-        self.rewards = nn.ModuleDict(dict(rewards))
+        self.rewards = nn.ModuleDict(
+            {n: r if isinstance(r, nn.Module) else FunctionReward(r) for n, r in rewards.items()}
+        )
         self.weights = {n: float((weights or {}).get(n, 1.0)) for n in self.rewards}
         if weights and set(weights) - set(self.rewards):
             raise RewardError(f"weights for unknown rewards {sorted(set(weights) - set(self.rewards))}")
@@ -134,14 +160,50 @@ class Combined(Reward):
         self.normalizers = nn.ModuleDict(
             {n: m for n in self.rewards if (m := make_normalizer(per.get(n))) is not None}
         )
-        self.differentiable = all(getattr(r, "differentiable", False) for r in self.rewards.values())
+        self.non_differentiable = [
+            n for n, r in self.rewards.items() if not getattr(r, "differentiable", False)
+        ]
+        self.differentiable = not self.non_differentiable
         self.last_components: dict[str, torch.Tensor] = {}
+        self.record = record
+        self._calls: list[dict[str, torch.Tensor]] = []
         self.freeze()
 
+    @property
+    def names(self) -> list[str]:
+        return list(self.rewards)
+
     def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted total (B,) float32, {name: raw (B,) scores}); running normalisers see these scores."""
         total, parts = weighted_sum(self.rewards, images, prompts, self.weights, dict(self.normalizers))
+        total = total if self.differentiable else total.detach()
         self.last_components = {n: p.detach() for n, p in parts.items()}
-        return (total if self.differentiable else total.detach()), parts
+        if self.record:
+            self._calls.append({"total": total.detach(), **self.last_components})
+        return total, parts
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return self.score(images, prompts)[0]
+
+    def components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Raw scores of every component, {name: (B,) float32}; no normaliser update, nothing recorded."""
+        return {name: r(images, prompts).float() for name, r in self.rewards.items()}
+
+    def raw_total(self, components: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of raw `components` (no normalisation), comparable across a run."""
+        return sum(self.weights[name] * components[name] for name in self.names)
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The recorded calls since the last `take`, concatenated: {"total" | name: (N,)}; {} if none."""
+        calls, self._calls = self._calls, []
+        if not calls:
+            return {}
+        return {k: torch.cat([c[k].float().flatten() for c in calls]) for k in calls[0]}
+
+    # The component models are fixed, loaded weights; a checkpoint needs only the running statistics.
+    def state_dict(self, *args, **kwargs) -> dict:
+        """The normalisers' running statistics ({} when none is running), for checkpoints."""
+        return self.normalizers.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping, strict: bool = True, assign: bool = False):
+        return self.normalizers.load_state_dict(state_dict, strict=strict, assign=assign)

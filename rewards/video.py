@@ -9,6 +9,13 @@
   weighted by `exp(-tar_lambda * |index - T // 2|)` before the mean (temporally attenuated reward, TAR;
   InstructVideo uses lambda = 1 and the plain mean of the weighted scores, which we keep).
 Only the selected frames reach the image reward, so gradients flow to those frames only.
+
+From a config, the registered name `per_frame` (`VideoReward.from_pretrained`) builds the image reward and
+lifts it:
+
+    rewards:
+      - name: per_frame
+        args: {reward: shapes_color_soft, mode: random, k: 1, seed: 0}   # other args go to the image reward
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ class VideoReward(Reward):
     random/segment draws.
     """
 
+    name = "per_frame"  # registered name; an instance takes its image reward's name
+
     def __init__(
         self,
         image_reward: nn.Module,
@@ -72,6 +81,23 @@ class VideoReward(Reward):
         self.name = getattr(image_reward, "name", "reward")
         self.differentiable = bool(getattr(image_reward, "differentiable", False))
         self.freeze()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        reward: str,
+        mode: str = "all",
+        k: int | None = None,
+        tar_lambda: float | None = None,
+        seed: int | None = None,
+        **args,
+    ) -> VideoReward:
+        """Build image reward `reward` (a registered name or `module:attr`, with `args`, e.g. `pretrained`)
+        and lift it. seed: makes the random / segment frame draws reproducible (None = torch's global RNG)."""
+        import rewards
+
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return cls(rewards.build(reward, **args), mode, k, generator, tar_lambda)
 
     def forward(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         if videos.ndim == 4:

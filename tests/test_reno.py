@@ -14,7 +14,7 @@ from diffusion_align.backbones import StableDiffusionBackbone, load_backbone
 from diffusion_align.cli import main
 from diffusion_align.errors import UserError
 from diffusion_align.few_step import draw_noise, make_generator
-from diffusion_align.reno import chi_regulariser, reno
+from diffusion_align.reno import chi_regulariser, reno, reno_reward, require_differentiable
 from diffusion_align.search import best_of_n
 from diffusion_align.zoo.shapes_data import heldout_prompts
 
@@ -184,3 +184,30 @@ def test_cli_rejects_non_differentiable_reward_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "jpeg_compressibility" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+class Mean(rewards.Reward):
+    """scale * mean pixel, differentiable."""
+
+    differentiable = True
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, images, prompts):
+        return self.scale * images.mean(dim=(1, 2, 3))
+
+
+def test_reno_reward_takes_renos_weights_keeps_the_gradient_and_names_what_is_not_differentiable():
+    reward = reno_reward({"hpsv2": Mean(1.0), "clip": Mean(2.0), "mine": Mean(3.0)}, {"mine": 0.5})
+    assert reward.weights == {"hpsv2": 5.0, "clip": 0.01, "mine": 0.5}
+    images = torch.rand(1, 3, 4, 4, requires_grad=True)
+    total, _ = reward.score(images, [PROMPT])
+    total.sum().backward()
+    slope = 5.0 * 1.0 + 0.01 * 2.0 + 0.5 * 3.0  # d total / d pixel = sum_k w_k scale_k / 48
+    assert torch.allclose(images.grad, torch.full_like(images, slope / 48))
+    assert reno_reward(reward) is reward
+    mixed = reno_reward({"hpsv2": Mean(1.0), "jpeg": rewards.build("jpeg_compressibility")})
+    with pytest.raises(UserError, match="reward 'jpeg' is not differentiable"):
+        require_differentiable(mixed)

@@ -82,3 +82,14 @@ def test_images_pass_through_and_shape_errors():
         lifted(torch.rand(2, 4, 3, 8, 8), ["a"])
     with pytest.raises(rewards.RewardError, match=r"\(B, T, 3, H, W\)"):
         lifted(torch.rand(2, 4, 1, 8, 8), ["a", "b"])
+
+
+def test_per_frame_is_a_registered_reward_building_its_image_reward_from_the_other_args():
+    lifted = rewards.build("per_frame", reward="jpeg_compressibility", mode="fml", quality=50)
+    assert lifted.image_reward.quality == 50 and lifted.name == "jpeg_compressibility"
+    clip = torch.rand(2, 5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    jpeg = rewards.build("jpeg_compressibility", quality=50)
+    expected = torch.stack([jpeg(clip[:, t], ["", ""]) for t in (0, 2, 4)], 1).mean(1)  # first, middle, last
+    assert torch.allclose(lifted(clip, ["", ""]), expected)
+    draws = [rewards.build("per_frame", reward="jpeg_compressibility", mode="random", seed=7) for _ in "ab"]
+    assert torch.equal(draws[0](clip, ["", ""]), draws[1](clip, ["", ""]))  # seeded frame draws

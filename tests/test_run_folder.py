@@ -135,6 +135,16 @@ def test_custom_components_are_logged_with_their_files(tmp_path):
     assert Path(by_key["strategy.name"]["file"]) == Path(test_trainer.__file__).resolve()
 
 
+def test_the_image_reward_a_per_frame_video_reward_imports_is_logged_too(tmp_path):
+    from diffusion_align.registry import custom_components
+
+    config = tiny_config(tmp_path / "run", "ddpo")
+    config.rewards = [RewardSettings(name="per_frame", args={"reward": f"{__name__}:CustomJpeg"})]
+    (found,) = custom_components(config)
+    assert found["key"] == "rewards.0.args.reward" and found["ref"] == f"{__name__}:CustomJpeg"
+    assert Path(found["file"]) == Path(__file__).resolve()
+
+
 def test_check_start_rules_without_training(finished_run, tmp_path):
     """The folder rules alone (`check_start` reads, never writes): a run killed before its first checkpoint
     restarts with `resume=latest` if its config is the same; --overwrite cannot resume from the folder it

@@ -32,15 +32,9 @@ PROMPTS = [
 SAMPLE = SampleSettings(num_steps=2, eta=1.0, guidance_scale=5.0, batch_size=4)
 
 
-class Reward:
-    """The trainer's reward contract over `rewards.Combined`: (total (B,), {name: (B,)}), `differentiable`."""
-
-    def __init__(self, *names, weights=None):
-        self.combined = Combined({n: rewards.build(n) for n in names}, weights)
-        self.differentiable = self.combined.differentiable
-
-    def __call__(self, images, prompts):
-        return self.combined.score(images, prompts)
+def combined(*names, weights=None):
+    """The trainer's reward object (`rewards.Combined`) over registered rewards."""
+    return Combined({n: rewards.build(n) for n in names}, weights)
 
 
 def make_policy(seed=0, perturb=True):
@@ -124,7 +118,9 @@ def log_probs_by_hand(policy, batch, rows, steps):
 # --- DDPO ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ddpo_setup(policy):
-    strategy = DDPO(DDPOConfig(stat_min_count=2, stat_buffer_size=4), policy, Reward("shapes_color"), SAMPLE)
+    strategy = DDPO(
+        DDPOConfig(stat_min_count=2, stat_buffer_size=4), policy, combined("shapes_color"), SAMPLE
+    )
     batch = strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
     return strategy, batch
 
@@ -180,7 +176,7 @@ def test_ddpo_step_raises_the_likelihood_of_high_advantage_samples(ddpo_setup):
 
 def test_ddpo_groups_normalise_each_prompt_within_its_group(policy):
     config = DDPOConfig(group_size=2, stat_min_count=2, stat_buffer_size=2)
-    batch = DDPO(config, policy, Reward("shapes_color_soft"), SAMPLE).collect(
+    batch = DDPO(config, policy, combined("shapes_color_soft"), SAMPLE).collect(
         PROMPTS, torch.Generator().manual_seed(0)
     )
     assert batch["prompts"] == [PROMPTS[0]] * 2 + [PROMPTS[2]] * 2
@@ -192,7 +188,7 @@ def test_ddpo_groups_normalise_each_prompt_within_its_group(policy):
         expected = (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
         torch.testing.assert_close(batch["advantages"][rows].double(), expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(UserError, match="multiple of strategy.group_size=3"):
-        DDPO(DDPOConfig(group_size=3), policy, Reward("shapes_color"), SAMPLE).collect(
+        DDPO(DDPOConfig(group_size=3), policy, combined("shapes_color"), SAMPLE).collect(
             PROMPTS, torch.Generator().manual_seed(0)
         )
 
@@ -201,7 +197,7 @@ def test_ddpo_groups_normalise_each_prompt_within_its_group(policy):
 def test_share_initial_noise_gives_a_group_one_x_T_and_its_own_step_noise(policy, strategy_cls, config_cls):
     gen = torch.Generator().manual_seed(0)
     shared = strategy_cls(
-        config_cls(group_size=2, share_initial_noise=True), policy, Reward("shapes_color"), SAMPLE
+        config_cls(group_size=2, share_initial_noise=True), policy, combined("shapes_color"), SAMPLE
     )
     latents = shared.collect(PROMPTS, gen)["latents"]
     assert torch.equal(latents[0, 0], latents[1, 0]) and torch.equal(latents[2, 0], latents[3, 0])
@@ -237,12 +233,12 @@ def test_ddpo_timestep_window_trains_only_the_early_steps(ddpo_setup):
     assert {int(m["steps"]) for step in plan for m in step} == {0}
     assert abs(sum(m["weight"] for m in plan[0]) - 1) < 1e-9
     with pytest.raises(UserError, match="timestep_window=0"):
-        DDPO(DDPOConfig(timestep_window=0.0), strategy.policy, Reward("shapes_color"), SAMPLE)
+        DDPO(DDPOConfig(timestep_window=0.0), strategy.policy, combined("shapes_color"), SAMPLE)
 
 
 def test_ddpo_kl_term_is_zero_at_the_base_model_and_positive_away_from_it():
     base = make_policy(perturb=False)
-    strategy = DDPO(DDPOConfig(beta=0.5), base, Reward("shapes_color"), SAMPLE)
+    strategy = DDPO(DDPOConfig(beta=0.5), base, combined("shapes_color"), SAMPLE)
     batch = strategy.collect(PROMPTS[:2], torch.Generator().manual_seed(0))
     micro = strategy.plan(batch, 2, 2, torch.Generator().manual_seed(0))[0][0]
     assert strategy.loss(micro)[1]["kl"] == 0.0
@@ -273,7 +269,7 @@ def test_gradient_reaches_only_lora_parameters(ddpo_setup):
 
 # --- D3PO ----------------------------------------------------------------------------------------------
 def test_d3po_pairs_share_noise_and_accumulate(policy):
-    strategy = D3PO(D3POConfig(), policy, Reward("shapes_color_soft"), SAMPLE)
+    strategy = D3PO(D3POConfig(), policy, combined("shapes_color_soft"), SAMPLE)
     prompts = [p for p in PROMPTS[:2] for _ in range(2)]
     batch = strategy.collect(prompts, torch.Generator().manual_seed(0))
     lat = batch["latents"]
@@ -289,21 +285,21 @@ def test_d3po_pairs_share_noise_and_accumulate(policy):
     assert_same_grads(accumulated_grads(strategy, big), accumulated_grads(strategy, small))
 
 
-class RoundedReward:
+class Rounded(rewards.Reward):
     """shapes_color_soft rounded to 3 decimals: a pair's members (one x_T) often tie, but not always."""
 
-    differentiable = False
+    name = "rounded"
 
     def __init__(self):
+        super().__init__()
         self.soft = rewards.build("shapes_color_soft")
 
-    def __call__(self, images, prompts):
-        r = torch.round(self.soft(images, prompts) * 1000) / 1000
-        return r, {"rounded": r}
+    def forward(self, images, prompts):
+        return torch.round(self.soft(images, prompts) * 1000) / 1000
 
 
 def test_d3po_drops_ties_and_spreads_pairs_over_a_fixed_step_count(policy):
-    strategy = D3PO(D3POConfig(), policy, RoundedReward(), SAMPLE)
+    strategy = D3PO(D3POConfig(), policy, Combined({"rounded": Rounded()}), SAMPLE)
     batch = strategy.collect([p for p in PROMPTS for _ in range(2)], torch.Generator().manual_seed(0))
     r = batch["reward"].view(-1, 2)
     untied = [k for k in range(len(r)) if r[k, 0] != r[k, 1]]
@@ -322,7 +318,7 @@ def test_d3po_update_raises_the_winners_likelihood_over_the_losers(swap):
     """One step on the D3PO loss raises sum over trained (pair, step) of log pi(winner) - log pi(loser);
     with the labels swapped, the other member's. A loss with its sign flipped fails both."""
     policy = make_policy(perturb=False)  # every ratio 1: inside the clamp, so every pair has a gradient
-    strategy = D3PO(D3POConfig(), policy, Reward("shapes_color_soft"), SAMPLE)
+    strategy = D3PO(D3POConfig(), policy, combined("shapes_color_soft"), SAMPLE)
     batch = strategy.collect([p for p in PROMPTS for _ in range(2)], torch.Generator().manual_seed(0))
     if swap:
         batch["win"], batch["lose"] = batch["lose"], batch["win"]
@@ -346,16 +342,16 @@ def test_d3po_update_raises_the_winners_likelihood_over_the_losers(swap):
     [(-1.0, "shapes_color", 0.0), (1.0, "jpeg_incompressibility", 0.0), (-2.0, "shapes_color", 1.0)],
 )
 def test_d3po_prefers_by_the_signed_weights_of_the_trainers_reward(policy, soft_weight, other, other_weight):
-    """Through the trainer's own reward wrappers: each component counts as weight * value, so a negative
+    """With the trainer's reward object: each component counts as weight * value, so a negative
     weight is preferred smaller and a zero-weight (log-only) component neither decides nor blocks a pair."""
-    from diffusion_align.registry import RecordingReward, build_reward
+    from diffusion_align.registry import build_reward
     from diffusion_align.settings import RewardSettings
 
     settings = [
         RewardSettings(name="shapes_color_soft", weight=soft_weight),
         RewardSettings(name=other, weight=other_weight),
     ]
-    strategy = D3PO(D3POConfig(), policy, RecordingReward(build_reward(settings)), SAMPLE)
+    strategy = D3PO(D3POConfig(), policy, build_reward(settings, record=True), SAMPLE)
     batch = strategy.collect([p for p in PROMPTS for _ in range(2)], torch.Generator().manual_seed(3))
     soft = soft_weight * batch["components"]["shapes_color_soft"].view(-1, 2)
     second = other_weight * batch["components"][other].view(-1, 2)
@@ -373,14 +369,14 @@ def test_d3po_prefers_by_the_signed_weights_of_the_trainers_reward(policy, soft_
 
 def test_d3po_refuses_a_reward_whose_weights_are_all_zero(policy):
     zero = {"shapes_color_soft": 0.0, "shapes_color": 0.0}
-    reward = Reward("shapes_color_soft", "shapes_color", weights=zero)
+    reward = combined("shapes_color_soft", "shapes_color", weights=zero)
     strategy = D3PO(D3POConfig(), policy, reward, SAMPLE)
     with pytest.raises(UserError, match="every reward weight is 0"):
         strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
 
 
 def test_d3po_human_labels_regenerate_the_pair_exactly(tmp_path, policy):
-    shown = render_pairs(policy, Reward("shapes_color"), SAMPLE, [(PROMPTS[0], 7), (PROMPTS[1], 8)])
+    shown = render_pairs(policy, combined("shapes_color"), SAMPLE, [(PROMPTS[0], 7), (PROMPTS[1], 8)])
     assert shown["images"].shape == (4, 3, 32, 32)
     labels = tmp_path / "labels.jsonl"
     labels.write_text(
@@ -389,7 +385,7 @@ def test_d3po_human_labels_regenerate_the_pair_exactly(tmp_path, policy):
         + json.dumps({"prompt": PROMPTS[1], "seed": 8, "preferred": 0})
         + "\n"
     )
-    strategy = D3PO(D3POConfig(human_labels=str(labels)), policy, Reward("shapes_color"), SAMPLE)
+    strategy = D3PO(D3POConfig(human_labels=str(labels)), policy, combined("shapes_color"), SAMPLE)
     batch = strategy.collect(["ignored"] * 4, torch.Generator().manual_seed(0))
     assert torch.equal(batch["latents"], shown["latents"])  # regenerated by the base model from the seed
     assert batch["win"].tolist() == [1, 2] and batch["lose"].tolist() == [0, 3]
@@ -397,7 +393,7 @@ def test_d3po_human_labels_regenerate_the_pair_exactly(tmp_path, policy):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "seed": 1, "preferred": 2}\n')
     with pytest.raises(UserError, match="bad.jsonl:1: preferred must be 0"):
-        D3PO(D3POConfig(human_labels=str(bad)), policy, Reward("shapes_color"), SAMPLE)
+        D3PO(D3POConfig(human_labels=str(bad)), policy, combined("shapes_color"), SAMPLE)
 
 
 # --- PRDP ----------------------------------------------------------------------------------------------
@@ -406,7 +402,7 @@ def prdp_setup(policy):
     strategy = PRDP(
         PRDPConfig(group_size=2, beta=0.1, eps=1e-3),
         policy,
-        Reward("shapes_color_soft"),
+        combined("shapes_color_soft"),
         SAMPLE,
     )
     batch = strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
@@ -490,7 +486,7 @@ def test_prdp_update_raises_the_log_ratio_of_the_better_sample_of_each_pair(poli
     """With a tiny beta the target (r_i - r_j) / beta dwarfs every log-ratio difference, so one step raises
     sum over pairs of (r_i - r_j) * (h_i - h_j), h = mean over steps of log pi (the reference is fixed). With
     the reward negated, the other member's. A loss with its sign flipped fails both."""
-    reward = Reward("shapes_color_soft", weights={"shapes_color_soft": sign})
+    reward = combined("shapes_color_soft", weights={"shapes_color_soft": sign})
     strategy = PRDP(PRDPConfig(group_size=2, beta=3e-5, eps=1e-3), policy, reward, SAMPLE)
     batch = strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
     r = batch["reward"]
@@ -547,7 +543,7 @@ def test_prdp_timestep_window_leaves_late_steps_out(prdp_setup):
     ids=["alignprop", "draft-lv"],
 )
 def test_reward_backprop_accumulates_with_the_same_noise(cls, config, policy):
-    strategy = cls(config, policy, Reward("shapes_color_soft"), SAMPLE)
+    strategy = cls(config, policy, combined("shapes_color_soft"), SAMPLE)
     batch = strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
     big, small = one_step(strategy, batch, 4), one_step(strategy, batch, 1)
     assert len(big) == 1 and len(small) == 4
@@ -565,14 +561,14 @@ def window_objective_by_hand(strategy, batch, cut):
         t = batch["timesteps"][i]
         mean, std = policy.transition(x, t, batch["embeds"], SAMPLE.guidance_scale, SAMPLE.num_steps)
         x = mean + std * randn_tensor(x.shape, generator=gens, dtype=mean.dtype)
-    return strategy.reward(policy.backbone.decode(x), batch["prompts"])[0].float().mean()
+    return strategy.reward.score(policy.backbone.decode(x), batch["prompts"])[0].float().mean()
 
 
 @pytest.mark.parametrize("k", [1, 0], ids=["draft-k1", "draft-full"])
 def test_draft_gradient_is_the_gradient_of_its_window_re_run(policy, k):
     """DRaFT-K's gradient is that of -loss_scale * reward of the last k steps re-run from the stored latent
     (steps outside the window contribute nothing); the full chain (k = 0) re-runs from x_T."""
-    strategy = DRaFT(DRaFTConfig(k=k, loss_scale=0.5), policy, Reward("shapes_color_soft"), SAMPLE)
+    strategy = DRaFT(DRaFTConfig(k=k, loss_scale=0.5), policy, combined("shapes_color_soft"), SAMPLE)
     batch = strategy.collect(PROMPTS[:2], torch.Generator().manual_seed(0))
     micro = one_step(strategy, batch, 2)[0]
     cut = SAMPLE.num_steps - k if k else 0
@@ -603,7 +599,7 @@ def test_draft_gradient_is_the_gradient_of_its_window_re_run(policy, k):
 def test_reward_backprop_update_raises_the_reward(policy, cls, config, sign):
     """One step raises the reward of the window's re-run (measured by hand); with the reward negated, the
     negated reward. A loss with its sign flipped fails both."""
-    reward = Reward("shapes_color_soft", weights={"shapes_color_soft": sign})
+    reward = combined("shapes_color_soft", weights={"shapes_color_soft": sign})
     strategy = cls(config, policy, reward, SAMPLE)
     batch = strategy.collect(PROMPTS, torch.Generator().manual_seed(0))
     step = one_step(strategy, batch, 4)
@@ -617,8 +613,8 @@ def test_reward_backprop_update_raises_the_reward(policy, cls, config, sign):
 
 
 def test_reward_backprop_rejects_a_non_differentiable_reward(policy):
-    reward = Reward("shapes_color_soft", "jpeg_compressibility")
+    reward = combined("shapes_color_soft", "jpeg_compressibility")
     with pytest.raises(UserError, match="component 'jpeg_compressibility' is not differentiable"):
         AlignProp(AlignPropConfig(), policy, reward, SAMPLE)
     with pytest.raises(UserError, match="DRaFT-LV"):
-        DRaFT(DRaFTConfig(k=2, lv_draws=2), policy, Reward("shapes_color_soft"), SAMPLE)
+        DRaFT(DRaFTConfig(k=2, lv_draws=2), policy, combined("shapes_color_soft"), SAMPLE)

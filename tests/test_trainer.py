@@ -59,7 +59,7 @@ class Toy:
             s.eta,
             generator=generator,
         )
-        total, _ = self.reward(traj.images, prompts)
+        total, _ = self.reward.score(traj.images, prompts)
         every = self.group.gather(total)
         adv = self.group.local((every - every.mean()) / (every.std() + 1e-6))
         return {
@@ -363,7 +363,7 @@ def test_build_reward_components_and_truthful_flag():
     prompts = ["one small red circle on the left on a black background"] * 2
     soft = build_reward([RewardSettings(name="shapes_color_soft")])
     assert soft.differentiable
-    total, parts = soft(images, prompts)
+    total, parts = soft.score(images, prompts)
     total.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
     mix = build_reward(
@@ -374,10 +374,29 @@ def test_build_reward_components_and_truthful_flag():
         "jpeg_compressibility",
         "jpeg_compressibility_2",
     ]
-    total, parts = mix(images.detach(), prompts)
+    total, parts = mix.score(images.detach(), prompts)
     expected = (
         parts["shapes_color_soft"] + 0.5 * parts["jpeg_compressibility"] + 2 * parts["jpeg_compressibility_2"]
     )
     assert torch.allclose(total, expected) and not total.requires_grad
     with pytest.raises(UserError, match="no rewards configured"):
         build_reward([])
+
+
+def test_build_reward_state_keeps_the_checkpoint_layout_of_the_running_statistics():
+    """reward.pt holds only the normalisers' statistics, keyed `<component>.<count|mean|m2>` as checkpoints
+    written before the single reward object, so those runs still resume."""
+    settings = [RewardSettings(name="shapes_color_soft", normalize=True), RewardSettings(weight=0.5)]
+    reward = build_reward(settings, record=True)
+    images, prompts = torch.rand(3, 3, 32, 32), ["one small red circle on the left on a black background"] * 3
+    _, parts = reward.score(images, prompts)
+    state = reward.state_dict()
+    assert set(state) == {"shapes_color_soft.count", "shapes_color_soft.mean", "shapes_color_soft.m2"}
+    assert state["shapes_color_soft.count"].item() == 3
+    assert state["shapes_color_soft.mean"].item() == pytest.approx(
+        parts["shapes_color_soft"].double().mean().item()
+    )
+    resumed = build_reward(settings)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in state.items())
+    assert set(reward.take()) == {"total", "shapes_color_soft", "jpeg_compressibility"}

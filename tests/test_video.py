@@ -332,12 +332,10 @@ def test_grad_decode_frames_decodes_a_random_subset_only_under_gradient():
     assert all(any((subset[b, 0] - full[b, t]).abs().max() < 1e-5 for t in range(4)) for b in range(2))
 
 
-def test_frame_reward_from_config_lifts_a_registered_image_reward():
+def test_per_frame_from_config_lifts_a_registered_image_reward():
     import rewards
 
-    reward = rewards.build(
-        "diffusion_align.video_rewards:frame_reward", reward="shapes_color_soft", mode="random", k=1, seed=0
-    )
+    reward = rewards.build("per_frame", reward="shapes_color_soft", mode="random", k=1, seed=0)
     assert reward.differentiable
     video = torch.rand(2, 4, 3, 32, 32, requires_grad=True)
     score = reward(video, PROMPTS)
@@ -360,9 +358,7 @@ def test_draft_strategy_on_video_decodes_one_frame_under_gradient_and_raises_rew
     backbone, sampler = _backbone("tiny-animatediff")
     backbone.grad_decode_frames = 1
     policy = Policy(backbone, sampler, rank=4)
-    reward = build_reward(
-        [RewardSettings("diffusion_align.video_rewards:frame_reward", args={"reward": "shapes_color_soft"})]
-    )
+    reward = build_reward([RewardSettings("per_frame", args={"reward": "shapes_color_soft"})])
     sample = SampleSettings(num_steps=2, eta=1.0, guidance_scale=5.0, batch_size=2)
     strategy = DRaFT(DRaFTConfig(k=1, gradient_checkpointing=False), policy, reward, sample)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-2, weight_decay=0.0)

@@ -111,18 +111,21 @@ def _finite(value):
     return value
 
 
-def build_rewards(specs: list[str], reward_args: list[str], device) -> tuple[dict, dict[str, float]]:
-    """--reward/--reward-arg -> ({name: reward}, {name: weight}); a bare NAME gets ReNO's default weight."""
-    import rewards
-    from diffusion_align.bundled import resolve_reward_args
+def build_reno_reward(specs: list[str], reward_args: list[str], device):
+    """--reward/--reward-arg -> one `rewards.Combined`; a bare NAME gets ReNO's default weight."""
     from diffusion_align.commands.score import parse_reward_args, parse_reward_specs
+    from diffusion_align.registry import build_reward
     from diffusion_align.reno import RENO_DEFAULT_WEIGHTS
+    from diffusion_align.settings import RewardSettings
 
     parsed = parse_reward_specs(specs)
     explicit = {spec.partition("=")[0].strip() for spec in specs if "=" in spec}
-    weights = {n: w if n in explicit else RENO_DEFAULT_WEIGHTS.get(n, 1.0) for n, w in parsed}
-    kwargs = parse_reward_args(reward_args, list(weights))
-    return {n: rewards.build(n, **resolve_reward_args(kwargs[n])).to(device) for n in weights}, weights
+    kwargs = parse_reward_args(reward_args, [n for n, _ in parsed])
+    settings = [
+        RewardSettings(n, w if n in explicit else RENO_DEFAULT_WEIGHTS.get(n, 1.0), args=kwargs[n])
+        for n, w in parsed
+    ]
+    return build_reward(settings, device)
 
 
 def _load(name: str, args):
@@ -148,8 +151,8 @@ def run(args) -> int:
     check_flags(args)
     backbone = _load(args.model, args)
     check_num_steps(args.steps, backbone.scheduler, "--steps")
-    rewards, weights = build_rewards(args.reward, args.reward_arg, backbone.device)
-    require_differentiable(rewards)  # before any generation
+    reward = build_reno_reward(args.reward, args.reward_arg, backbone.device)
+    require_differentiable(reward)  # before any generation
     if args.gradient_checkpointing:
         backbone.enable_memory_options(gradient_checkpointing=True)
     regen = _load(args.regenerate_model, args) if args.regenerate_model else None
@@ -160,7 +163,7 @@ def run(args) -> int:
         negative_prompt=args.negative_prompt,
     )  # fmt: skip
     result = reno(
-        backbone, rewards, args.prompt, weights, iterations=args.iterations, lr=args.lr,
+        backbone, reward, args.prompt, iterations=args.iterations, lr=args.lr,
         optimizer=args.optimizer, grad_clip=args.grad_clip, reg_weight=args.reg_weight,
         regenerate_steps=args.regenerate_steps, regenerate_backbone=regen, **common,
     )  # fmt: skip
@@ -174,7 +177,7 @@ def run(args) -> int:
         "prompt": args.prompt,
         "model": args.model,
         "seed": args.seed,
-        "weights": weights,
+        "weights": reward.weights,
         "settings": {
             k: getattr(args, k) for k in ("steps", "guidance", "scheduler", "lr", "optimizer", "dtype")
         },
@@ -191,7 +194,7 @@ def run(args) -> int:
         from diffusion_align.search import best_of_n
 
         with torch.no_grad():
-            bon = best_of_n(backbone, rewards, args.prompt, result.reward_calls, weights, **common)
+            bon = best_of_n(backbone, reward, args.prompt, result.reward_calls, **common)
         save_images(bon.best_image[None], out, ["best_of_n"])
         report["best_of_n"] = {
             "n": bon.reward_calls,

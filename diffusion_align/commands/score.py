@@ -261,39 +261,37 @@ def decode_side(rewards: list) -> int | None:
     return DECODE_MARGIN * max(sides) if sides and all(sides) else None
 
 
-def _score_all(scorers: dict, pixels, prompts: list[str], weights: dict[str, float]) -> list[dict]:
+def _score_all(reward, pixels, prompts: list[str]) -> list[dict]:
     import torch
 
-    from rewards import weighted_sum
-
     with torch.no_grad():
-        total, parts = weighted_sum(scorers, pixels, prompts, {n: weights[n] for n in scorers})
+        total, parts = reward.score(pixels, prompts)
     # 8 significant digits: what a float32 score holds, without float32->float64 noise in the output
     rounded = {n: [float(f"{v:.8g}") for v in p.cpu().tolist()] for n, p in {**parts, "total": total}.items()}
     return [{n: values[b] for n, values in rounded.items()} for b in range(len(prompts))]
 
 
-def score_batch(scorers: dict, pixels, prompts: list[str], weights: dict[str, float]) -> list[dict | str]:
+def score_batch(reward, pixels, prompts: list[str]) -> list[dict | str]:
     """Per file: {reward: score, ..., "total": weighted sum}, or a one-line reason it could not be scored.
+    `reward` is a `rewards.Combined`; its components are the columns.
 
     When a batch fails, its files are retried one by one so one bad file does not sink its neighbours.
     """
     try:
-        rows = _score_all(scorers, pixels, prompts, weights)
+        rows = _score_all(reward, pixels, prompts)
     except Exception:
         if len(prompts) == 1:
-            return [_reason(scorers, pixels, prompts, weights)]
-        return [
-            score_batch(scorers, pixels[i : i + 1], prompts[i : i + 1], weights)[0]
-            for i in range(len(prompts))
-        ]
+            return [_reason(reward, pixels, prompts)]
+        return [score_batch(reward, pixels[i : i + 1], prompts[i : i + 1])[0] for i in range(len(prompts))]
     return [row if all(math.isfinite(v) for v in row.values()) else _nonfinite(row) for row in rows]
 
 
-def _reason(scorers: dict, pixels, prompts: list[str], weights: dict[str, float]) -> str:
-    for name, reward in scorers.items():
+def _reason(reward, pixels, prompts: list[str]) -> str:
+    from rewards import Combined
+
+    for name, component in reward.rewards.items():
         try:
-            _score_all({name: reward}, pixels, prompts, {name: 1.0})
+            _score_all(Combined({name: component}), pixels, prompts)
         except Exception as e:
             first = (str(e).strip().splitlines() or [""])[0]
             return f"reward {name} failed ({type(e).__name__}: {first})"
@@ -350,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"--resume: {len(writer.done)} row(s) kept, {len(files)} file(s) to score", file=sys.stderr)
 
     image_rewards = {n: rewards.build(n, **resolve_reward_args(reward_args[n])).to(device) for n in names}
-    video_rewards: dict = {}  # built on first video: the per-frame lifting of each image reward
+    image_reward = rewards.Combined(image_rewards, weights)
+    video_reward = None  # built on first video: the per-frame lifting of each image reward
     gen = torch.Generator().manual_seed(args.seed)
     side = decode_side(list(image_rewards.values()))
     n_unprompted = 0
@@ -367,18 +366,17 @@ def run(args: argparse.Namespace) -> int:
                 rows: dict[int, dict] = {}
                 for batch in group_by_shape(media, args.batch_size):
                     is_video = media[batch[0]].is_video
-                    if is_video and not video_rewards:
-                        video_rewards.update(
-                            {n: lift_to_video(r, args.frames, gen) for n, r in image_rewards.items()}
-                        )
-                    scorers = video_rewards if is_video else image_rewards
+                    if is_video and video_reward is None:
+                        lifted = {n: lift_to_video(r, args.frames, gen) for n, r in image_rewards.items()}
+                        video_reward = rewards.Combined(lifted, weights)
+                    scorer = video_reward if is_video else image_reward
                     # one file: a view, not a copy (a huge image is not held twice)
                     pixels = (
                         media[batch[0]].pixels[None]
                         if len(batch) == 1
                         else torch.stack([media[i].pixels for i in batch])
                     ).to(device)
-                    scored = score_batch(scorers, pixels, [prompts[i] for i in batch], weights)
+                    scored = score_batch(scorer, pixels, [prompts[i] for i in batch])
                     del pixels
                     for i, result in zip(batch, scored, strict=True):
                         if isinstance(result, str):

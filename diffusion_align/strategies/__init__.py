@@ -24,8 +24,9 @@
         def state_dict(self) -> dict         # what a resume needs (tracker, label cursor, ...); {} if nothing
         def load_state_dict(self, state: dict) -> None
 
-`reward(images (B,3,H,W) in [0,1], prompts) -> (total (B,) float32, components dict[name, (B,)])`, with a
-`differentiable` attribute (AlignProp / DRaFT refuse a reward that is not).
+The reward is a `rewards.Combined`: `reward.score(images (B,3,H,W) in [0,1], prompts) -> (total (B,) float32,
+components dict[name, (B,)])`, its signed `weights` {name: weight} and `non_differentiable` names (AlignProp /
+DRaFT refuse a reward with any).
 Shared math lives in `diffusion_align/losses.py` (pure functions); the sampling glue (groups, shared
 noise, per-sample generators, step plans, stored transitions) in `strategies/sampling.py`; no strategy imports
 another.

@@ -92,7 +92,7 @@ class D3PO:
         batch = sample_batch(self.policy, self.reward, self.sample, pair_prompts, gens, x_T)
         parts = batch["components"]
         if parts:
-            weights = component_weights(self.reward, list(parts))
+            weights = [self.reward.weights[name] for name in parts]  # signed
             if not any(weights):
                 raise UserError(
                     f"D3PO prefers by the reward, but every reward weight is 0 ({', '.join(parts)}): give "
@@ -173,21 +173,6 @@ class D3PO:
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state.get("cursor", 0))
-
-
-def component_weights(reward, names: list[str]) -> list[float]:
-    """The signed weight of each named component in the total, found through the trainer's wrappers
-    (`RecordingReward.reward` -> `RewardFunction.weights`, or a `.combined` Combined); 1 where none is
-    given."""
-    obj = reward
-    for _ in range(4):
-        weights = getattr(obj, "weights", None)
-        if isinstance(weights, dict):
-            return [float(weights.get(n, 1.0)) for n in names]
-        obj = getattr(obj, "reward", None) or getattr(obj, "combined", None)
-        if obj is None:
-            break
-    return [1.0] * len(names)
 
 
 def read_labels(path: str | Path) -> list[dict]:

@@ -56,7 +56,7 @@ class _RewardBackprop:
     num_inner_epochs = 1
 
     def __init__(self, config, policy, reward, sample, group=None):
-        bad = non_differentiable_components(reward)
+        bad = reward.non_differentiable
         if bad:
             raise UserError(
                 f"{type(self).__name__} backpropagates through the reward, but component '{bad[0]}' is "
@@ -111,12 +111,12 @@ class _RewardBackprop:
                 z = randn_tensor(x0.shape, generator=gens, device=device, dtype=x0.dtype)
                 x1 = self.policy.sampler.add_noise(x0, z, t)
                 images = self.denoise(x1, len(batch["timesteps"]) - 1, embeds, gens)
-                totals.append(self.reward(images, prompts)[0])
+                totals.append(self.reward.score(images, prompts)[0])
             total = torch.stack(totals).mean(0)
         else:
             x = latents[r, micro["cut"]]
             images = self.denoise(x, micro["cut"], embeds, gens)
-            total = self.reward(images, prompts)[0]
+            total = self.reward.score(images, prompts)[0]
         loss = -self.config.loss_scale * total.float().mean()
         return loss, {
             "reward_with_grad": total.detach().float().mean().item(),
@@ -171,18 +171,3 @@ class DRaFT(_RewardBackprop):
     def cut(self, generator) -> int:
         k = self.config.k
         return 0 if k == 0 else self.sample.num_steps - k
-
-
-def non_differentiable_components(reward) -> list[str]:
-    """Names of the reward's components that are not differentiable (through trainer/registry wrappers)."""
-    if getattr(reward, "differentiable", False):
-        return []
-    obj = reward
-    for _ in range(4):
-        parts = getattr(obj, "rewards", None)
-        if hasattr(parts, "items"):
-            return [n for n, r in parts.items() if not getattr(r, "differentiable", False)] or ["combined"]
-        obj = getattr(obj, "reward", None) or getattr(obj, "combined", None)
-        if obj is None:
-            break
-    return [getattr(reward, "name", type(reward).__name__)]

@@ -96,7 +96,7 @@ def sample_batch(
             backbone, policy.sampler, chunk_prompts, chunk_gens, sample.num_steps, sample.guidance_scale,
             sample.eta, sample.negative_prompt, image_size(sample), None if x_T is None else x_T[chunk],
         )  # fmt: skip
-        total, components = reward(traj.images, chunk_prompts)
+        total, components = reward.score(traj.images, chunk_prompts)
         embeds.append(e)
         latents.append(traj.latents)
         log_probs.append(traj.log_probs)
