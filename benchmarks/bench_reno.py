@@ -1,8 +1,9 @@
 """ReNO: time per iteration against a bare forward+backward, and ReNO against best-of-N at equal reward calls.
 
 1. Speed. "bare" is the lower bound of one ReNO iteration: the UNet called directly, the scheduler's step,
-   the VAE decode, the reward and one backward to z, nothing else. "reno" is `diffusion_align.reno.reno` (the
-   generator wrappers, regulariser, clipping, optimiser step, history and best-image bookkeeping), timed over
+   the VAE decode, the reward and one backward to z, nothing else. "reno" is
+   `diffusion_align.methods.reno.reno` (the generator wrappers, regulariser, clipping, optimiser step,
+   history and best-image bookkeeping), timed over
    `--iters` iterations including its set-up, divided by the iterations. ratio = reno / bare (target <= 1.10).
    Calls alternate so background load hits both alike; the median of the repeats is reported.
    Models: tiny-sd (1 Euler-ancestral step, trailing), the bundled shapes model (2 DDIM steps, CFG 3) and,
@@ -36,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_rollout import SD15_UNET  # noqa: E402  (a sibling script: benchmarks/ is sys.path[0])
 
 import rewards  # noqa: E402
-from diffusion_align.backbones import StableDiffusionBackbone, load_backbone  # noqa: E402
-from diffusion_align.few_step import draw_noise, generation_scheduler, make_generator  # noqa: E402
-from diffusion_align.reno import reno  # noqa: E402
-from diffusion_align.search import best_of_n, fk_steering  # noqa: E402
+from diffusion_align.engine.backbones import StableDiffusionBackbone, load_backbone  # noqa: E402
+from diffusion_align.engine.few_step import draw_noise, generation_scheduler, make_generator  # noqa: E402
+from diffusion_align.methods.reno import reno  # noqa: E402
+from diffusion_align.methods.search import best_of_n, fk_steering  # noqa: E402
 from diffusion_align.zoo.shapes_data import heldout_prompts  # noqa: E402
 
 PROMPT = "one large red circle on a white background"

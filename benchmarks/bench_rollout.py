@@ -1,10 +1,10 @@
 """Rollout wall time against a bare loop of the same denoiser calls, measured in the same run.
 
 "bare" is the lower bound: the UNet called on the guidance-doubled batch once per step, with the guidance
-combination and a plain Euler-like update, and nothing else. "rollout" is `diffusion_align.rollout.rollout`
-with DDIM-eta transitions, per-step noise draws, log-probs and latent storage (decode off, so both sides
-run the same network calls). ratio = rollout / bare (target <= 1.10). Calls alternate so background load
-hits both alike; the median of the repeats is reported.
+combination and a plain Euler-like update, and nothing else. "rollout" is
+`diffusion_align.engine.rollout.rollout` with DDIM-eta transitions, per-step noise draws, log-probs and
+latent storage (decode off, so both sides run the same network calls). ratio = rollout / bare (target
+<= 1.10). Calls alternate so background load hits both alike; the median of the repeats is reported.
 
     python benchmarks/bench_rollout.py   # tiny SD + SD1.5-size UNet (random weights, 16x16 latent)
     python benchmarks/bench_rollout.py --only tiny --steps 20 --repeats 7
@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion_align.backbones import PromptEmbeds, StableDiffusionBackbone  # noqa: E402
-from diffusion_align.rollout import rollout  # noqa: E402
-from diffusion_align.samplers import DDIMSampler  # noqa: E402
+from diffusion_align.engine.backbones import PromptEmbeds, StableDiffusionBackbone  # noqa: E402
+from diffusion_align.engine.rollout import rollout  # noqa: E402
+from diffusion_align.math.samplers import DDIMSampler  # noqa: E402
 from diffusion_align.testing import tiny_sd  # noqa: E402
 
 # The UNet of SD 1.5 (runwayml/stable-diffusion-v1-5 unet/config.json), random weights.

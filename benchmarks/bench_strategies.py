@@ -32,7 +32,7 @@ STRATEGIES = ["ddpo", "d3po", "prdp", "alignprop", "draft"]
 def build(model: str, strategy: str, steps: int, samples: int, device: str, extra: dict | None = None):
     from diffusion_align.builder import build_strategy
     from diffusion_align.config import load_config
-    from diffusion_align.registry import build_backbone, build_policy, build_reward
+    from diffusion_align.config.registry import build_backbone, build_policy, build_reward
 
     reward = "shapes_color_soft" if strategy in ("alignprop", "draft") else "jpeg_compressibility"
     s_cfg = {"name": strategy, **(extra or {})}

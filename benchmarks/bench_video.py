@@ -87,10 +87,10 @@ def build_small():
 
 
 def child(impl: str, model: str, frames: int, window: int, subset: bool, steps: int, repeats: int) -> dict:
-    from diffusion_align.backbones import VideoBackbone
-    from diffusion_align.policy import Policy
-    from diffusion_align.rollout import rollout
-    from diffusion_align.samplers import DDIMSampler
+    from diffusion_align.engine.backbones import VideoBackbone
+    from diffusion_align.engine.policy import Policy
+    from diffusion_align.engine.rollout import rollout
+    from diffusion_align.math.samplers import DDIMSampler
     from diffusion_align.testing_video import tiny_animatediff
     from rewards.video import select_frames
 

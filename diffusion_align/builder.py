@@ -23,22 +23,22 @@ from pathlib import Path
 
 import torch
 
-from diffusion_align import run_folder
-from diffusion_align.config import config_yaml, to_dict
-from diffusion_align.distributed import AccelerateGroup, LocalGroup
-from diffusion_align.epoch_draws import derive_seed
-from diffusion_align.errors import UserError
-from diffusion_align.prompts import load_prompts
-from diffusion_align.registry import (
+from diffusion_align.config import run_folder
+from diffusion_align.config.loading import config_yaml, to_dict
+from diffusion_align.config.registry import (
     build_backbone,
     build_policy,
     build_reward,
     custom_components,
 )
-from diffusion_align.settings import Config
-from diffusion_align.strategies import strategy_class
-from diffusion_align.trainer import Trainer
-from diffusion_align.training_run import EvalSampling, RunOptions, TrainingRun
+from diffusion_align.config.settings import Config
+from diffusion_align.errors import UserError
+from diffusion_align.methods.distributed import AccelerateGroup, LocalGroup
+from diffusion_align.methods.strategies import strategy_class
+from diffusion_align.prompts import load_prompts
+from diffusion_align.training.epoch_draws import derive_seed
+from diffusion_align.training.trainer import Trainer
+from diffusion_align.training.training_run import EvalSampling, RunOptions, TrainingRun
 
 SUPPORTED_DISTRIBUTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA"}
 

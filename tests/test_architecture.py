@@ -1,5 +1,6 @@
-"""The import graph, read from the source with `ast` (nothing is imported): strategies stay independent of
-each other, and imports run one way, rewards <- math <- engine <- strategies <- training/config/commands."""
+"""The import graph, read from the source with `ast` (nothing is imported): the package's layers import one
+way, rewards <- math <- engine <- methods <- training <- config <- builder <- commands, strategies stay
+independent of each other, only the one loop steps the chain, and there is no import cycle."""
 
 import ast
 from pathlib import Path
@@ -8,27 +9,29 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "diffusion_align"
-STRATEGY_DIR = PACKAGE / "strategies"
-SHARED_HELPER = "diffusion_align.strategies.sampling"  # the one module every strategy may use
-# what a strategy, a sampler or the engine must never reach: training, configuration, commands
-ABOVE_METHODS = (
-    "diffusion_align.trainer",
-    "diffusion_align.commands",
-    "diffusion_align.cli",
-    "diffusion_align.settings",
+STRATEGY_DIR = PACKAGE / "methods" / "strategies"
+SHARED_HELPER = "diffusion_align.methods.strategies.sampling"  # the one module every strategy may use
+# Each module's layer: a module may import its own layer and the ones below it, never one above.
+LAYERS = (
+    "rewards",
+    "diffusion_align.math",
+    "diffusion_align.engine",
+    "diffusion_align.methods",
+    "diffusion_align.training",
     "diffusion_align.config",
-    "diffusion_align.config_changes",
-    "diffusion_align.registry",
-    "diffusion_align.run_folder",
-    "diffusion_align.checkpointing",
-    "diffusion_align.tracking",
+    "diffusion_align.builder",
+    ("diffusion_align.commands", "diffusion_align.cli", "diffusion_align.__main__", "diffusion_align.zoo"),
 )
-ENGINE = (
-    "rollout.py",
-    "policy.py",
-    "backbones/__init__.py",
-    "backbones/stable_diffusion.py",
-    "backbones/video.py",
+# Support modules any layer may use; they import only each other and rewards.
+SUPPORT = (
+    "diffusion_align",
+    "diffusion_align.errors",
+    "diffusion_align.images",
+    "diffusion_align.videos",
+    "diffusion_align.prompts",
+    "diffusion_align.bundled",
+    "diffusion_align.testing",
+    "diffusion_align.testing_video",
 )
 
 
@@ -66,21 +69,21 @@ def strategy_modules() -> list[Path]:
 
 def test_the_reader_sees_every_kind_of_import(tmp_path):
     """The checker itself: absolute, from-, relative and function-level imports are all found."""
-    pkg = tmp_path / "diffusion_align" / "strategies"
+    pkg = tmp_path / "diffusion_align" / "methods" / "strategies"
     pkg.mkdir(parents=True)
     source = pkg / "x.py"
     source.write_text(
-        "import diffusion_align.trainer\nfrom . import ddpo\nfrom .d3po import D3PO\n"
-        "def f():\n    from diffusion_align.strategies.prdp import PRDP\n"
+        "import diffusion_align.training.trainer\nfrom . import ddpo\nfrom .d3po import D3PO\n"
+        "def f():\n    from diffusion_align.methods.strategies.prdp import PRDP\n"
     )
     found = imported_modules(source, root=tmp_path)
     for name in (
-        "diffusion_align.trainer",
-        "diffusion_align.strategies.ddpo",
-        "diffusion_align.strategies.d3po",
+        "diffusion_align.training.trainer",
+        "diffusion_align.methods.strategies.ddpo",
+        "diffusion_align.methods.strategies.d3po",
     ):
         assert name in found
-    assert reaches(found, "diffusion_align.strategies.prdp")
+    assert reaches(found, "diffusion_align.methods.strategies.prdp")
 
 
 @pytest.mark.parametrize("path", strategy_modules(), ids=lambda p: p.stem)
@@ -94,7 +97,7 @@ def test_no_strategy_imports_another_strategy(path):
 
 def test_the_shared_helper_imports_no_strategy():
     own = {module_name(p) for p in strategy_modules()} - {SHARED_HELPER}
-    path = PACKAGE / "strategies" / "sampling.py"
+    path = STRATEGY_DIR / "sampling.py"
     assert not sorted(o for o in own if reaches(imported_modules(path), o))
 
 
@@ -107,24 +110,38 @@ def test_rewards_import_nothing_from_the_toolkit():
 
 
 def test_math_imports_only_errors_from_the_toolkit():
-    for name in ("samplers.py", "losses.py"):
-        path = PACKAGE / name
+    for path in sorted((PACKAGE / "math").glob("*.py")):
         bad = [m for m in imported_modules(path) if reaches({m}, "diffusion_align")]
-        assert all(reaches({m}, "diffusion_align.errors") for m in bad), (name, bad)
+        allowed = ("diffusion_align.errors", "diffusion_align.math")
+        assert all(any(reaches({m}, a) for a in allowed) for m in bad), (path.name, bad)
 
 
-@pytest.mark.parametrize("name", ["strategies"] + list(ENGINE))
-def test_methods_and_engine_do_not_reach_training_config_or_commands(name):
-    paths = strategy_modules() + [STRATEGY_DIR / "__init__.py"] if name == "strategies" else [PACKAGE / name]
-    for path in paths:
-        imports = imported_modules(path)
-        bad = [target for target in ABOVE_METHODS if reaches(imports, target)]
-        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+def layer_of(module: str) -> int | None:
+    """The index of `module`'s layer in LAYERS, -1 for a support module, None when it has none."""
+    if module in SUPPORT:
+        return -1
+    for index, layer in enumerate(LAYERS):
+        if any(reaches({module}, name) for name in (layer if isinstance(layer, tuple) else (layer,))):
+            return index
+    return None
 
 
-def test_engine_does_not_reach_strategies():
-    for name in ENGINE:
-        assert not reaches(imported_modules(PACKAGE / name), "diffusion_align.strategies"), name
+def test_every_module_has_a_layer():
+    graph = import_graph()
+    assert not [m for m in graph if layer_of(m) is None], "assign new modules to LAYERS or SUPPORT"
+
+
+def test_imports_run_down_the_layers():
+    """rewards <- math <- engine <- methods <- training <- config <- builder <- commands: a module never
+    imports one of a higher layer; support modules import only support modules and rewards."""
+    bad = []
+    for module, targets in import_graph().items():
+        own = layer_of(module)
+        for target in targets:
+            layer = layer_of(target)
+            if (own == -1 and layer not in (-1, 0)) or (own != -1 and layer > own):
+                bad.append(f"{module} -> {target}")
+    assert not bad, f"imports against the layer order: {bad}"
 
 
 # Build-only code of the bundled models: the recipe that trains them, their eval, card, model builders and
@@ -201,34 +218,19 @@ def test_the_cycle_finder_finds_a_function_level_cycle(tmp_path):
     assert find_cycle(import_graph(tmp_path, packages=("diffusion_align",))) is None
 
 
-# One known function-level edge upward, left to the configuration/builder work (issue 13, items 3 and 7):
-# `config.load_config` defaults `cls` to `settings.Config`, and settings imports config's helpers. The fix is
-# for callers to pass the class (or a `load_config` in settings); remove the entry then (a test says when).
-KNOWN_UPWARD_EDGES = {("diffusion_align.config", "diffusion_align.settings")}
-
-
-def test_known_upward_edges_still_exist():
-    graph = import_graph()
-    stale = sorted(edge for edge in KNOWN_UPWARD_EDGES if edge[1] not in graph[edge[0]])
-    assert not stale, f"{stale} no longer imported: remove them from KNOWN_UPWARD_EDGES"
-
-
 def test_the_package_has_no_import_cycle():
-    graph = import_graph()
-    for module, target in KNOWN_UPWARD_EDGES:
-        graph[module].discard(target)
-    cycle = find_cycle(graph)
+    cycle = find_cycle(import_graph())
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}; imports must run one way"
 
 
 # what the training loop must not reach: the builder hands it ready objects and plain values
 CONFIG_MODULES = (
-    "diffusion_align.config",
-    "diffusion_align.settings",
-    "diffusion_align.registry",
+    "diffusion_align.config.loading",
+    "diffusion_align.config.settings",
+    "diffusion_align.config.registry",
     "diffusion_align.builder",
-    "diffusion_align.config_changes",
-    "diffusion_align.run_folder",
+    "diffusion_align.config.changes",
+    "diffusion_align.config.run_folder",
 )
 
 
@@ -254,9 +256,9 @@ def package_closure(path: Path) -> dict[str, set[str]]:
 
 
 def test_the_training_loop_imports_no_config_module():
-    """trainer.py, and every toolkit module it imports on the way, work on objects and plain values:
+    """training/trainer.py, and every toolkit module it imports on the way, work on objects and plain values:
     reading a config is the builder's job (`builder.build_run`)."""
-    closure = package_closure(PACKAGE / "trainer.py")
+    closure = package_closure(PACKAGE / "training" / "trainer.py")
     bad = {name: [t for t in CONFIG_MODULES if reaches(imports, t)] for name, imports in closure.items()}
     bad = {name: targets for name, targets in bad.items() if targets}
     assert not bad, f"the training loop reaches config modules: {bad}"
@@ -274,8 +276,8 @@ def test_only_the_one_loop_steps_the_chain():
     """`rollout` is the only caller of a sampler's step (`.step(out, t, x, ...)`, 3+ arguments, unlike an
     optimizer's or LR schedule's `.step()`); the denoiser's guided prediction is called only by rollout
     and by the policy's single-transition re-scoring."""
-    steppers = {"rollout.py", "scheduler_sampler.py"}  # the loop; the adapter calls diffusers' own step
-    predictors = {"rollout.py", "policy.py"}
+    steppers = {"engine/rollout.py", "math/scheduler_sampler.py"}  # the adapter calls diffusers' step
+    predictors = {"engine/rollout.py", "engine/policy.py"}
     bad = []
     for path in sorted(PACKAGE.rglob("*.py")):
         name = str(path.relative_to(PACKAGE))

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 import pytest
 import yaml
 
-from diffusion_align.config import (
+from diffusion_align.config.loading import (
     ConfigError,
     apply_overrides,
     from_dict,

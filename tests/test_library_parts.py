@@ -6,12 +6,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from test_trainer import lora_of, max_diff, tiny_config
 
-from diffusion_align import checkpointing
-from diffusion_align.backbones import load_backbone
 from diffusion_align.builder import train, warmup_schedule
-from diffusion_align.policy import Policy
-from diffusion_align.run_outputs import export_merged
-from diffusion_align.samplers import DDIMSampler
+from diffusion_align.engine.backbones import load_backbone
+from diffusion_align.engine.policy import Policy
+from diffusion_align.math.samplers import DDIMSampler
+from diffusion_align.training import checkpointing
+from diffusion_align.training.run_outputs import export_merged
 
 
 def test_warmup_schedule_gives_the_documented_learning_rates():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusion_align.backbones import load_backbone
+from diffusion_align.engine.backbones import load_backbone
 from diffusion_align.errors import UserError
 from diffusion_align.testing import tiny_sd
 
@@ -48,7 +48,7 @@ def test_unknown_dtype_lists_choices():
 
 def test_video_settings_reach_the_backbone_and_are_refused_for_images():
     from diffusion_align.config import load_config
-    from diffusion_align.registry import build_backbone
+    from diffusion_align.config.registry import build_backbone
 
     config = load_config(
         {"model": {"pretrained": "tiny-animatediff", "num_frames": 3, "grad_decode_frames": 1}}

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from diffusion_align.cli import main
+from diffusion_align.engine.lora_files import BASE_FILE, check_lora_fits, record_base
 from diffusion_align.errors import UserError
-from diffusion_align.lora_files import BASE_FILE, check_lora_fits, record_base
 
 
 @pytest.fixture(scope="module")
 def tiny_lora(tmp_path_factory):
     """A LoRA trained (perturbed) on tiny-sd, saved as `train` saves it."""
-    from diffusion_align.backbones import StableDiffusionBackbone
-    from diffusion_align.policy import Policy
+    from diffusion_align.engine.backbones import StableDiffusionBackbone
+    from diffusion_align.engine.policy import Policy
     from diffusion_align.testing import tiny_sd
 
     policy = Policy(StableDiffusionBackbone(tiny_sd()), None)
@@ -59,7 +59,7 @@ def test_recorded_base_model_is_compared_by_name(tiny_lora, tmp_path, capsys):
 
 def test_policy_load_lora_of_another_model_is_a_user_error(tiny_lora):
     from diffusion_align.config import load_config
-    from diffusion_align.registry import build_backbone, build_policy
+    from diffusion_align.config.registry import build_backbone, build_policy
 
     config = load_config({}, ["model.pretrained=shapes"])
     policy = build_policy(build_backbone(config.model), config.sample, config.lora)
@@ -70,8 +70,8 @@ def test_policy_load_lora_of_another_model_is_a_user_error(tiny_lora):
 
 
 def test_save_lora_records_the_base_model_it_was_given(tmp_path):
-    from diffusion_align.backbones import StableDiffusionBackbone
-    from diffusion_align.policy import Policy
+    from diffusion_align.engine.backbones import StableDiffusionBackbone
+    from diffusion_align.engine.policy import Policy
     from diffusion_align.testing import tiny_sd
 
     policy = Policy(StableDiffusionBackbone(tiny_sd()), None)

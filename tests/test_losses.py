@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffusion_align.losses import (
+from diffusion_align.math.losses import (
     clip_advantages,
     d3po_loss,
     group_pairs,
@@ -14,7 +14,7 @@ from diffusion_align.losses import (
     preference_pairs,
     sample_truncation,
 )
-from diffusion_align.stat_tracking import PerPromptStatTracker
+from diffusion_align.math.stat_tracking import PerPromptStatTracker
 
 
 def close(a, b, tol=1e-5):

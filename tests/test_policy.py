@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from diffusion_align.backbones import StableDiffusionBackbone
-from diffusion_align.policy import Policy
-from diffusion_align.rollout import rollout
-from diffusion_align.samplers import DDIMSampler
+from diffusion_align.engine.backbones import StableDiffusionBackbone
+from diffusion_align.engine.policy import Policy
+from diffusion_align.engine.rollout import rollout
+from diffusion_align.math.samplers import DDIMSampler
 from diffusion_align.testing import tiny_sd, tiny_sdxl
 
 BUILD = {"sd": tiny_sd, "sdxl": tiny_sdxl}

@@ -10,12 +10,12 @@ import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, LCMScheduler, StableDiffusionPipeline
 
 import rewards
-from diffusion_align.backbones import StableDiffusionBackbone, load_backbone
 from diffusion_align.cli import main
+from diffusion_align.engine.backbones import StableDiffusionBackbone, load_backbone
+from diffusion_align.engine.few_step import draw_noise, make_generator
 from diffusion_align.errors import UserError
-from diffusion_align.few_step import draw_noise, make_generator
-from diffusion_align.reno import chi_regulariser, reno, reno_reward, require_differentiable
-from diffusion_align.search import best_of_n
+from diffusion_align.methods.reno import chi_regulariser, reno, reno_reward, require_differentiable
+from diffusion_align.methods.search import best_of_n
 from diffusion_align.zoo.shapes_data import heldout_prompts
 
 PROMPT = "one large red circle on a white background"

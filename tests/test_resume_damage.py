@@ -11,9 +11,9 @@ from conftest import RUN_SETTINGS as SETTINGS
 from conftest import copy_of
 from test_trainer import LORA, lora_of, max_diff, tiny_config
 
-from diffusion_align import checkpointing
 from diffusion_align.builder import train
 from diffusion_align.errors import UserError
+from diffusion_align.training import checkpointing
 
 
 def truncate(path: Path) -> None:

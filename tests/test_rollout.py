@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from diffusion_align.backbones import StableDiffusionBackbone
-from diffusion_align.policy import Policy
-from diffusion_align.rollout import rollout
-from diffusion_align.samplers import DDIMSampler
-from diffusion_align.strategies.sampling import transition_inputs
+from diffusion_align.engine.backbones import StableDiffusionBackbone
+from diffusion_align.engine.policy import Policy
+from diffusion_align.engine.rollout import rollout
+from diffusion_align.math.samplers import DDIMSampler
+from diffusion_align.methods.strategies.sampling import transition_inputs
 
 PROMPTS = ["a red circle", "two small blue squares on the left"]
 

@@ -11,10 +11,10 @@ from conftest import RUN_SETTINGS as SETTINGS
 from conftest import copy_of
 from test_trainer import ToyConfig, tiny_config
 
-from diffusion_align import checkpointing
 from diffusion_align.builder import train
+from diffusion_align.config.settings import RewardSettings
 from diffusion_align.errors import UserError
-from diffusion_align.settings import RewardSettings
+from diffusion_align.training import checkpointing
 from rewards.errors import RewardError
 from rewards.jpeg import JpegCompressibility
 
@@ -136,7 +136,7 @@ def test_custom_components_are_logged_with_their_files(tmp_path):
 
 
 def test_the_image_reward_a_per_frame_video_reward_imports_is_logged_too(tmp_path):
-    from diffusion_align.registry import custom_components
+    from diffusion_align.config.registry import custom_components
 
     config = tiny_config(tmp_path / "run", "ddpo")
     config.rewards = [RewardSettings(name="per_frame", args={"reward": f"{__name__}:CustomJpeg"})]
@@ -149,8 +149,8 @@ def test_check_start_rules_without_training(finished_run, tmp_path):
     """The folder rules alone (`check_start` reads, never writes): a run killed before its first checkpoint
     restarts with `resume=latest` if its config is the same; --overwrite cannot resume from the folder it
     clears; an output_dir that is a file is refused."""
-    from diffusion_align.config import save_config
-    from diffusion_align.run_folder import check_start
+    from diffusion_align.config.loading import save_config
+    from diffusion_align.config.run_folder import check_start
 
     killed = tmp_path / "killed"
     config = tiny_config(killed, "ddpo", **SETTINGS)

@@ -57,8 +57,8 @@ def test_image_depends_on_its_seed_not_on_batch_size(tmp_path, capsys):
 
 
 def test_lora_changes_images(tmp_path, capsys):
-    from diffusion_align.backbones import StableDiffusionBackbone
-    from diffusion_align.policy import Policy
+    from diffusion_align.engine.backbones import StableDiffusionBackbone
+    from diffusion_align.engine.policy import Policy
     from diffusion_align.testing import tiny_sd
 
     policy = Policy(StableDiffusionBackbone(tiny_sd()), None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from diffusion_align.samplers import DDIMSampler, gaussian_kl, gaussian_log_prob
+from diffusion_align.math.samplers import DDIMSampler, gaussian_kl, gaussian_log_prob
 from diffusion_align.testing import SD_SCHEDULER_CONFIG
 
 
@@ -76,7 +76,7 @@ def test_kl_zero_for_equal_means_and_matches_closed_form():
 
 def test_forward_noising_matches_diffusers():
     """`add_noise` (DRaFT-LV's re-noising) is the scheduler's q(x_t | x0), for both sampler kinds."""
-    from diffusion_align.scheduler_sampler import SchedulerSampler
+    from diffusion_align.math.scheduler_sampler import SchedulerSampler
 
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
     g = torch.Generator().manual_seed(0)

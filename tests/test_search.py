@@ -9,10 +9,10 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 import rewards
-from diffusion_align.backbones import StableDiffusionBackbone, load_backbone
-from diffusion_align.few_step import draw_noise, make_generator
-from diffusion_align.reno import reno
-from diffusion_align.search import FKResampler, best_of_n, fk_schedule, fk_steering
+from diffusion_align.engine.backbones import StableDiffusionBackbone, load_backbone
+from diffusion_align.engine.few_step import draw_noise, make_generator
+from diffusion_align.methods.reno import reno
+from diffusion_align.methods.search import FKResampler, best_of_n, fk_schedule, fk_steering
 from diffusion_align.zoo.shapes_data import heldout_prompts
 
 PROMPT = "one large red circle on a white background"

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from diffusion_align.config import load_config
-from diffusion_align.settings import Config
+from diffusion_align.config.settings import Config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if "accelerate" not in p.parts)
@@ -14,7 +14,7 @@ ACCELERATE = sorted((CONFIGS / "accelerate").glob("*.yaml"))
 
 
 def test_there_are_recipes_for_every_strategy():
-    from diffusion_align.strategies import STRATEGY_CONFIGS
+    from diffusion_align.methods.strategies import STRATEGY_CONFIGS
 
     covered = {load_config(p).strategy.__class__.__name__ for p in RECIPES if load_config(p).strategy}
     for name, ref in STRATEGY_CONFIGS.items():

@@ -10,16 +10,16 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 import rewards
-from diffusion_align.backbones import StableDiffusionBackbone
+from diffusion_align.config.settings import SampleSettings
+from diffusion_align.engine.backbones import StableDiffusionBackbone
+from diffusion_align.engine.policy import Policy
 from diffusion_align.errors import UserError
-from diffusion_align.policy import Policy
-from diffusion_align.samplers import DDIMSampler
-from diffusion_align.settings import SampleSettings
-from diffusion_align.strategies.d3po import D3PO, D3POConfig, render_pairs
-from diffusion_align.strategies.ddpo import DDPO, DDPOConfig
-from diffusion_align.strategies.prdp import PRDP, PRDPConfig
-from diffusion_align.strategies.reward_backprop import AlignProp, AlignPropConfig, DRaFT, DRaFTConfig
-from diffusion_align.strategies.sampling import transition_inputs
+from diffusion_align.math.samplers import DDIMSampler
+from diffusion_align.methods.strategies.d3po import D3PO, D3POConfig, render_pairs
+from diffusion_align.methods.strategies.ddpo import DDPO, DDPOConfig
+from diffusion_align.methods.strategies.prdp import PRDP, PRDPConfig
+from diffusion_align.methods.strategies.reward_backprop import AlignProp, AlignPropConfig, DRaFT, DRaFTConfig
+from diffusion_align.methods.strategies.sampling import transition_inputs
 from diffusion_align.testing import tiny_sd
 from rewards.combine import Combined
 
@@ -344,8 +344,8 @@ def test_d3po_update_raises_the_winners_likelihood_over_the_losers(swap):
 def test_d3po_prefers_by_the_signed_weights_of_the_trainers_reward(policy, soft_weight, other, other_weight):
     """With the trainer's reward object: each component counts as weight * value, so a negative
     weight is preferred smaller and a zero-weight (log-only) component neither decides nor blocks a pair."""
-    from diffusion_align.registry import build_reward
-    from diffusion_align.settings import RewardSettings
+    from diffusion_align.config.registry import build_reward
+    from diffusion_align.config.settings import RewardSettings
 
     settings = [
         RewardSettings(name="shapes_color_soft", weight=soft_weight),

@@ -8,7 +8,7 @@ import pytest
 
 from diffusion_align.config import load_config
 from diffusion_align.errors import UserError
-from diffusion_align.strategies import STRATEGIES, STRATEGY_CONFIGS, strategy_class
+from diffusion_align.methods.strategies import STRATEGIES, STRATEGY_CONFIGS, strategy_class
 
 
 def imported(ref: str):

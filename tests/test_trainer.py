@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_align import checkpointing
 from diffusion_align.builder import train
 from diffusion_align.config import load_config
-from diffusion_align.distributed import LocalGroup
+from diffusion_align.config.registry import build_reward
+from diffusion_align.config.settings import RewardSettings
+from diffusion_align.engine.rollout import rollout
 from diffusion_align.errors import UserError
-from diffusion_align.registry import build_reward
-from diffusion_align.rollout import rollout
-from diffusion_align.settings import RewardSettings
-from diffusion_align.strategies import STRATEGIES
+from diffusion_align.methods.distributed import LocalGroup
+from diffusion_align.methods.strategies import STRATEGIES
+from diffusion_align.training import checkpointing
 from rewards.jpeg import JpegCompressibility
 
 TESTS = Path(__file__).resolve().parent

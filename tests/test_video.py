@@ -8,12 +8,12 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from diffusion_align.backbones import StableDiffusionBackbone, VideoBackbone, load_backbone
+from diffusion_align.engine.backbones import StableDiffusionBackbone, VideoBackbone, load_backbone
+from diffusion_align.engine.policy import Policy
+from diffusion_align.engine.rollout import rollout
 from diffusion_align.errors import UserError
-from diffusion_align.policy import Policy
-from diffusion_align.rollout import rollout
-from diffusion_align.samplers import DDIMSampler
-from diffusion_align.strategies.sampling import transition_inputs
+from diffusion_align.math.samplers import DDIMSampler
+from diffusion_align.methods.strategies.sampling import transition_inputs
 from diffusion_align.testing_video import TINY_VIDEO_PIPELINES, tiny_animatediff
 from diffusion_align.videos import save_videos, write_gif, write_mp4
 from rewards.shapes import ShapesColorSoftReward
@@ -310,7 +310,7 @@ def test_sample_loads_a_t2v_lora(tmp_path):
 
 
 def test_lora_target_names_from_file_keys():
-    from diffusion_align.backbones.video import _module_name
+    from diffusion_align.engine.backbones.video import _module_name
 
     assert _module_name(
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.down.weight"
@@ -351,9 +351,9 @@ def test_per_frame_from_config_lifts_a_registered_image_reward():
 def test_draft_strategy_on_video_decodes_one_frame_under_gradient_and_raises_reward():
     # The strategies' reward backprop (DRaFT-1, i.e. VADER's "last" mode) on AnimateDiff, with the reward
     # built from config settings as the trainer builds it, and VADER's one-random-frame decoding for backprop.
-    from diffusion_align.registry import build_reward
-    from diffusion_align.settings import RewardSettings, SampleSettings
-    from diffusion_align.strategies.reward_backprop import DRaFT, DRaFTConfig
+    from diffusion_align.config.registry import build_reward
+    from diffusion_align.config.settings import RewardSettings, SampleSettings
+    from diffusion_align.methods.strategies.reward_backprop import DRaFT, DRaFTConfig
 
     backbone, sampler = _backbone("tiny-animatediff")
     backbone.grad_decode_frames = 1

@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_flags(args) -> None:
     """One-line error for a numeric flag out of range, before any model is loaded."""
-    from diffusion_align.config import POSITIVE, Range, at_least, check_range
+    from diffusion_align.config.loading import POSITIVE, Range, at_least, check_range
 
     for flag, value, allowed in (
         ("--iterations", args.iterations, at_least(1)),
@@ -114,9 +114,9 @@ def _finite(value):
 def build_reno_reward(specs: list[str], reward_args: list[str], device):
     """--reward/--reward-arg -> one `rewards.Combined`; a bare NAME gets ReNO's default weight."""
     from diffusion_align.commands.score import parse_reward_args, parse_reward_specs
-    from diffusion_align.registry import build_reward
-    from diffusion_align.reno import RENO_DEFAULT_WEIGHTS
-    from diffusion_align.settings import RewardSettings
+    from diffusion_align.config.registry import build_reward
+    from diffusion_align.config.settings import RewardSettings
+    from diffusion_align.methods.reno import RENO_DEFAULT_WEIGHTS
 
     parsed = parse_reward_specs(specs)
     explicit = {spec.partition("=")[0].strip() for spec in specs if "=" in spec}
@@ -131,7 +131,7 @@ def build_reno_reward(specs: list[str], reward_args: list[str], device):
 def _load(name: str, args):
     import torch
 
-    from diffusion_align.backbones import load_backbone
+    from diffusion_align.engine.backbones import load_backbone
 
     backbone = load_backbone(name, dtype=args.dtype, device=args.device)
     # half-precision VAEs overflow (ReNO upcasts the SDXL/Hyper-SD VAE)
@@ -144,9 +144,9 @@ def run(args) -> int:
     import torch
     from safetensors.torch import save_file
 
+    from diffusion_align.config.settings import check_num_steps
     from diffusion_align.images import save_grid, save_images
-    from diffusion_align.reno import reno, require_differentiable
-    from diffusion_align.settings import check_num_steps
+    from diffusion_align.methods.reno import reno, require_differentiable
 
     check_flags(args)
     backbone = _load(args.model, args)
@@ -191,7 +191,7 @@ def run(args) -> int:
         save_images(result.regenerated[None], out, ["regenerated"])
         report["regenerated"] = {"steps": args.regenerate_steps, "rewards": result.regenerated_rewards}
     if args.best_of_n:
-        from diffusion_align.search import best_of_n
+        from diffusion_align.methods.search import best_of_n
 
         with torch.no_grad():
             bon = best_of_n(backbone, reward, args.prompt, result.reward_calls, **common)

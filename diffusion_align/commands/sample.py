@@ -87,7 +87,7 @@ def _prompts(args, config) -> list[str]:
 def _load_lora(backbone, directory: str, model: str) -> None:
     """Through diffusers' own loader: the rank comes from the file, and it proves the format. Checked first:
     a LoRA of another base model is a one-line error naming both."""
-    from diffusion_align.lora_files import check_lora_fits
+    from diffusion_align.engine.lora_files import check_lora_fits
 
     path = Path(directory)
     check_lora_fits(path, backbone.unet, model)
@@ -101,11 +101,11 @@ def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from diffusion_align.config import save_config
+    from diffusion_align.commands.score_files import INDEX
+    from diffusion_align.config.loading import save_config
+    from diffusion_align.config.registry import build_backbone, build_sampler
+    from diffusion_align.engine.rollout import generate
     from diffusion_align.images import save_grid, save_images, slug
-    from diffusion_align.registry import build_backbone, build_sampler
-    from diffusion_align.rollout import generate
-    from diffusion_align.score_files import INDEX
 
     if args.num_per_prompt < 1:
         raise UserError(f"--num-per-prompt={args.num_per_prompt} must be at least 1")

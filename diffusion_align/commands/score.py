@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
 
     import rewards
     from diffusion_align.bundled import resolve_reward_args
-    from diffusion_align.score_files import RowWriter, expand_inputs, output_path
+    from diffusion_align.commands.score_files import RowWriter, expand_inputs, output_path
     from rewards.io import LoadFailure, group_by_shape, iter_loaded
 
     if args.batch_size < 1:

@@ -113,7 +113,7 @@ LORA = "pytorch_lora_weights.safetensors"
 
 
 def _shapes():
-    from diffusion_align.backbones import load_backbone
+    from diffusion_align.engine.backbones import load_backbone
 
     return load_backbone("shapes", device="cpu")
 
@@ -125,7 +125,7 @@ def _f64(x) -> torch.Tensor:
 def reno_run() -> dict[str, torch.Tensor]:
     """ReNO on the shapes model: 4 iterations, 1 step; best image/noise and the whole history."""
     import rewards
-    from diffusion_align.reno import reno
+    from diffusion_align.methods.reno import reno
 
     r = reno(_shapes(), rewards.build("shapes_color_soft"), PROMPTS[0], iterations=4, seed=2, progress=False)
     record = {"best_image": r.best_image, "best_noise": r.best_noise, "strip": r.strip}
@@ -154,7 +154,7 @@ def _search_record(result) -> dict[str, torch.Tensor]:
 
 def best_of_n_pick() -> dict[str, torch.Tensor]:
     import rewards
-    from diffusion_align.search import best_of_n
+    from diffusion_align.methods.search import best_of_n
 
     jpeg = rewards.build("jpeg_incompressibility")
     return _search_record(best_of_n(_shapes(), jpeg, PROMPTS[0], 5, seed=0, batch_size=2, progress=False))
@@ -162,7 +162,7 @@ def best_of_n_pick() -> dict[str, torch.Tensor]:
 
 def fk_steering_pick() -> dict[str, torch.Tensor]:
     import rewards
-    from diffusion_align.search import fk_steering
+    from diffusion_align.methods.search import fk_steering
 
     soft = rewards.build("shapes_color_soft")
     result = fk_steering(

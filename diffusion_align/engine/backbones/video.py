@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffusion_align.backbones.stable_diffusion import PromptEmbeds, StableDiffusionBackbone
+from diffusion_align.engine.backbones.stable_diffusion import PromptEmbeds, StableDiffusionBackbone
 from diffusion_align.errors import UserError
 
 # Both families were trained on 16-frame clips; the diffusers pipelines default to 16 too.
@@ -112,7 +112,7 @@ class VideoBackbone(StableDiffusionBackbone):
         if hasattr(self.unet, "load_lora_adapter"):
             self.pipe.load_lora_weights(directory)
             return
-        from diffusion_align.policy import Policy
+        from diffusion_align.engine.policy import Policy
 
         state, _, metadata = type(self.pipe).lora_state_dict(directory, return_lora_metadata=True)
         metadata = {k.removeprefix("unet."): v for k, v in (metadata or {}).items()}

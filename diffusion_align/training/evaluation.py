@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffusion_align.engine.rollout import generate
 from diffusion_align.errors import UserError
 from diffusion_align.images import save_grid
-from diffusion_align.rollout import generate
 
 
 @torch.no_grad()

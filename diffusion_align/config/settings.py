@@ -9,8 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from diffusion_align.config import FRACTION, POSITIVE, PROBABILITY, ConfigError, Range, add_ranges, at_least
-from diffusion_align.strategies import STRATEGY_CONFIGS
+from diffusion_align.config.loading import (
+    FRACTION,
+    POSITIVE,
+    PROBABILITY,
+    ConfigError,
+    Range,
+    add_ranges,
+    at_least,
+)
+from diffusion_align.methods.strategies import STRATEGY_CONFIGS
 
 
 @dataclass

@@ -94,7 +94,7 @@ POSITIVE = Range(0, low_open=True)  # finite and > 0 (learning rates, scales)
 FRACTION = Range(0, 1, low_open=True)  # (0, 1]: shares of steps
 PROBABILITY = Range(0, 1, high_open=True)  # [0, 1): dropout, Adam betas
 
-# "module:QualName" -> {field: Range}; filled by the modules that own the settings (diffusion_align.settings)
+# "module:QualName" -> {field: Range}; filled by the modules that own the settings (config.settings)
 _RANGES: dict[str, dict[str, Range]] = {}
 
 
@@ -406,17 +406,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     return _resolve_base(_anchor_paths(data, path.parent), path.parent, (*chain, path.resolve()))
 
 
-def load_config(source: str | Path | dict, overrides: list[str] = (), cls: type | None = None) -> Any:
+def load_config(source: str | Path | dict, overrides: list[str] = (), *, cls: type) -> Any:
     """Read a YAML file (or a dict; its `base` is relative to the cwd), apply command-line overrides and
-    build `cls` (default: `diffusion_align.settings.Config`)."""
+    build `cls` (`diffusion_align.config.load_config` defaults it to the toolkit's settings)."""
     if isinstance(source, dict):
         data = _resolve_base(copy.deepcopy(source), Path("."), ())
     else:
         data = _read_yaml(Path(source))
-    data = apply_overrides(data, list(overrides))
-    if cls is None:
-        from diffusion_align.settings import Config as cls
-    return from_dict(cls, data)
+    return from_dict(cls, apply_overrides(data, list(overrides)))
 
 
 def _classes_in(tp: Any):

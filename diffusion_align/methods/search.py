@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusion_align.few_step import NoiseToImage, draw_noise, make_generator, make_sampler
-from diffusion_align.reno import reno_reward
+from diffusion_align.engine.few_step import NoiseToImage, draw_noise, make_generator, make_sampler
+from diffusion_align.methods.reno import reno_reward
 
 
 @dataclass

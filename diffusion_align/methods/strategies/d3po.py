@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
-from diffusion_align.losses import d3po_loss, preference_pairs
-from diffusion_align.strategies.sampling import (
+from diffusion_align.math.losses import d3po_loss, preference_pairs
+from diffusion_align.methods.distributed import LocalGroup
+from diffusion_align.methods.strategies.sampling import (
     image_size,
     per_sample_generators,
     sample_batch,

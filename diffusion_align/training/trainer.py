@@ -30,15 +30,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_align import run_checkpoint
-from diffusion_align.across_processes import mean_dicts, mean_over_processes, reward_metrics
-from diffusion_align.epoch_draws import epoch_prompts, plan_generator, sample_generators
 from diffusion_align.errors import UserError
-from diffusion_align.evaluation import evaluate
-from diffusion_align.optimizer_step import optimizer_step
-from diffusion_align.run_outputs import export_merged, plot_reward_curve
-from diffusion_align.tracking import Tracker
-from diffusion_align.training_run import TrainingRun
+from diffusion_align.training import run_checkpoint
+from diffusion_align.training.across_processes import mean_dicts, mean_over_processes, reward_metrics
+from diffusion_align.training.epoch_draws import epoch_prompts, plan_generator, sample_generators
+from diffusion_align.training.evaluation import evaluate
+from diffusion_align.training.optimizer_step import optimizer_step
+from diffusion_align.training.run_outputs import export_merged, plot_reward_curve
+from diffusion_align.training.tracking import Tracker
+from diffusion_align.training.training_run import TrainingRun
 
 
 class Trainer:

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from diffusion_align.config import to_dict
+from diffusion_align.config.loading import to_dict
 from diffusion_align.errors import UserError
 
 # Dotted keys (a key and everything under it) that a resumed run may change.

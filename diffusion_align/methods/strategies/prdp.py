@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
-from diffusion_align.losses import group_pairs, prdp_loss
-from diffusion_align.strategies.sampling import sample_groups, window_steps
+from diffusion_align.math.losses import group_pairs, prdp_loss
+from diffusion_align.methods.distributed import LocalGroup
+from diffusion_align.methods.strategies.sampling import sample_groups, window_steps
 
 
 @dataclass

@@ -18,12 +18,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffusion_align.distributed import LocalGroup
 from diffusion_align.errors import UserError
-from diffusion_align.losses import clip_advantages, ppo_clip_loss
-from diffusion_align.samplers import gaussian_kl, gaussian_log_prob
-from diffusion_align.stat_tracking import PerPromptStatTracker
-from diffusion_align.strategies.sampling import sample_groups, step_rows, trained_steps, transition_inputs
+from diffusion_align.math.losses import clip_advantages, ppo_clip_loss
+from diffusion_align.math.samplers import gaussian_kl, gaussian_log_prob
+from diffusion_align.math.stat_tracking import PerPromptStatTracker
+from diffusion_align.methods.distributed import LocalGroup
+from diffusion_align.methods.strategies.sampling import (
+    sample_groups,
+    step_rows,
+    trained_steps,
+    transition_inputs,
+)
 
 
 @dataclass

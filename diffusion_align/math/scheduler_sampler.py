@@ -13,7 +13,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from diffusion_align.samplers import Step
+from diffusion_align.math.samplers import Step
 
 
 class SchedulerSampler:

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 from tqdm.auto import tqdm
 
-from diffusion_align.samplers import Step
+from diffusion_align.math.samplers import Step
 
 
 @dataclass

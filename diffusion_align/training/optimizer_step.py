@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from diffusion_align.across_processes import sync_gradients
 from diffusion_align.errors import UserError
+from diffusion_align.training.across_processes import sync_gradients
 
 
 def optimizer_step(

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusion_align.backbones import load_backbone
-from diffusion_align.errors import UserError
-from diffusion_align.policy import Policy
-from diffusion_align.samplers import DDIMSampler
-from diffusion_align.settings import (
+from diffusion_align.config.settings import (
     LoraSettings,
     ModelSettings,
     RewardSettings,
     SampleSettings,
     check_num_steps,
 )
+from diffusion_align.engine.backbones import load_backbone
+from diffusion_align.engine.policy import Policy
+from diffusion_align.errors import UserError
+from diffusion_align.math.samplers import DDIMSampler
 from rewards.combine import Combined
 
 
@@ -80,7 +80,7 @@ def custom_components(config) -> list[dict]:
     """Every reward or strategy the config names as `package.module:attr` (code it imports and runs), with
     the file that code comes from: [{"key", "ref", "file"}]."""
     import rewards as rewards_lib
-    from diffusion_align.strategies import STRATEGY_CONFIGS
+    from diffusion_align.methods.strategies import STRATEGY_CONFIGS
 
     found = []
     for section in ("rewards", "eval_rewards"):

@@ -16,9 +16,9 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor
 
+from diffusion_align.engine.lora_files import check_lora_fits, record_base
 from diffusion_align.errors import UserError
-from diffusion_align.lora_files import check_lora_fits, record_base
-from diffusion_align.samplers import gaussian_log_prob
+from diffusion_align.math.samplers import gaussian_log_prob
 
 ADAPTER = "default"
 

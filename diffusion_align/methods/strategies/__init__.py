@@ -27,7 +27,7 @@
 The reward is a `rewards.Combined`: `reward.score(images (B,3,H,W) in [0,1], prompts) -> (total (B,) float32,
 components dict[name, (B,)])`, its signed `weights` {name: weight} and `non_differentiable` names (AlignProp /
 DRaFT refuse a reward with any).
-Shared math lives in `diffusion_align/losses.py` (pure functions); the sampling glue (groups, shared
+Shared math lives in `diffusion_align/math/losses.py` (pure functions); the sampling glue (groups, shared
 noise, per-sample generators, step plans, stored transitions) in `strategies/sampling.py`; no strategy imports
 another.
 """
@@ -42,17 +42,26 @@ from diffusion_align.errors import UserError
 # name -> (config class, strategy class), as "module:attr" references imported on first use, so reading a
 # config imports only the strategy it names.
 STRATEGIES: dict[str, tuple[str, str]] = {
-    "ddpo": ("diffusion_align.strategies.ddpo:DDPOConfig", "diffusion_align.strategies.ddpo:DDPO"),
-    "d3po": ("diffusion_align.strategies.d3po:D3POConfig", "diffusion_align.strategies.d3po:D3PO"),
+    "ddpo": (
+        "diffusion_align.methods.strategies.ddpo:DDPOConfig",
+        "diffusion_align.methods.strategies.ddpo:DDPO",
+    ),
+    "d3po": (
+        "diffusion_align.methods.strategies.d3po:D3POConfig",
+        "diffusion_align.methods.strategies.d3po:D3PO",
+    ),
     "alignprop": (
-        "diffusion_align.strategies.reward_backprop:AlignPropConfig",
-        "diffusion_align.strategies.reward_backprop:AlignProp",
+        "diffusion_align.methods.strategies.reward_backprop:AlignPropConfig",
+        "diffusion_align.methods.strategies.reward_backprop:AlignProp",
     ),
     "draft": (
-        "diffusion_align.strategies.reward_backprop:DRaFTConfig",
-        "diffusion_align.strategies.reward_backprop:DRaFT",
+        "diffusion_align.methods.strategies.reward_backprop:DRaFTConfig",
+        "diffusion_align.methods.strategies.reward_backprop:DRaFT",
     ),
-    "prdp": ("diffusion_align.strategies.prdp:PRDPConfig", "diffusion_align.strategies.prdp:PRDP"),
+    "prdp": (
+        "diffusion_align.methods.strategies.prdp:PRDPConfig",
+        "diffusion_align.methods.strategies.prdp:PRDP",
+    ),
 }
 
 

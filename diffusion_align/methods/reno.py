@@ -11,7 +11,7 @@ reward has the same gradient, so we maximise the weighted rewards directly and t
 are ReNO's. SGD with Nesterov momentum 0.9, lr 5, gradient-norm clipping at 0.1, 50 iterations, no step
 after the last evaluation. The returned image is the best by weighted reward alone (no regulariser).
 
-    from diffusion_align.reno import reno
+    from diffusion_align.methods.reno import reno
     result = reno(backbone, {"hpsv2": hps, "imagereward": ir}, "a cat", weights={"hpsv2": 5.0})
     result.best_image, result.best_noise, result.history
 """
@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffusion_align.engine.few_step import draw_noise, make_generator
 from diffusion_align.errors import UserError
-from diffusion_align.few_step import draw_noise, make_generator
 from rewards.combine import Combined
 
 # ReNO's reward weights (its losses, rewritten on our reward scales: HPS cosine, CLIP 100*cos,
@@ -63,7 +63,7 @@ def require_differentiable(reward: Combined) -> None:
         raise UserError(
             f"reward {name!r} is not differentiable, so ReNO cannot optimise the noise "
             "against it; use a differentiable reward (e.g. hpsv2, imagereward, clip, pickscore, "
-            "shapes_color_soft) or best-of-N search (diffusion_align.search.best_of_n)"
+            "shapes_color_soft) or best-of-N search (diffusion_align.methods.search.best_of_n)"
         )
 
 

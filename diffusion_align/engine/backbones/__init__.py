@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from diffusion_align.backbones.stable_diffusion import PromptEmbeds, StableDiffusionBackbone
-from diffusion_align.backbones.video import VideoBackbone
+from diffusion_align.engine.backbones.stable_diffusion import PromptEmbeds, StableDiffusionBackbone
+from diffusion_align.engine.backbones.video import VideoBackbone
 from diffusion_align.errors import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

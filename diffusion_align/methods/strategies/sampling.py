@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffusion_align.backbones.stable_diffusion import PromptEmbeds
+from diffusion_align.engine.backbones.stable_diffusion import PromptEmbeds
+from diffusion_align.engine.rollout import generate
 from diffusion_align.errors import UserError
-from diffusion_align.rollout import generate
 
 
 def grouped_prompts(prompts: list[str], size: int, who: str) -> list[str]:

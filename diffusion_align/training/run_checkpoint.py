@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion_align import checkpointing
+from diffusion_align.training import checkpointing
 
 
 def save(trainer, seconds: float) -> Path:

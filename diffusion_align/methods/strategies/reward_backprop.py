@@ -25,11 +25,11 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from diffusion_align.distributed import LocalGroup
+from diffusion_align.engine.rollout import rollout
 from diffusion_align.errors import UserError
-from diffusion_align.losses import sample_truncation
-from diffusion_align.rollout import rollout
-from diffusion_align.strategies.sampling import per_sample_generators, sample_batch, step_rows
+from diffusion_align.math.losses import sample_truncation
+from diffusion_align.methods.distributed import LocalGroup
+from diffusion_align.methods.strategies.sampling import per_sample_generators, sample_batch, step_rows
 
 
 @dataclass

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from diffusion_align import checkpointing, config_changes
+from diffusion_align.config import changes as config_changes
 from diffusion_align.errors import UserError, warn
+from diffusion_align.training import checkpointing
 
 # Everything a training run writes into its output_dir (`logs` TensorBoard, `wandb` the wandb client).
 RUN_ARTIFACTS = frozenset(

@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffusion_align.engine.rollout import rollout
 from diffusion_align.errors import UserError
-from diffusion_align.rollout import rollout
-from diffusion_align.samplers import DDIMSampler
-from diffusion_align.scheduler_sampler import SchedulerSampler
+from diffusion_align.math.samplers import DDIMSampler
+from diffusion_align.math.scheduler_sampler import SchedulerSampler
 
 # --scheduler name -> diffusers scheduler class name and config overrides
 FEW_STEP_SCHEDULERS = {
