@@ -14,15 +14,9 @@ from typing import Any, ClassVar, Literal
 import pytest
 import yaml
 
-from diffusion_align.config.loading import (
-    ConfigError,
-    apply_overrides,
-    from_dict,
-    load_config,
-    save_config,
-    to_dict,
-)
-from diffusion_align.errors import UserError
+from diffusion_align.config.loading import from_dict, load_config, save_config, to_dict
+from diffusion_align.config.yaml_files import apply_overrides
+from diffusion_align.errors import ConfigError, UserError
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 
 from diffusion_align.cli import main
 from diffusion_align.config import load_config
-from diffusion_align.config.loading import ConfigError
+from diffusion_align.errors import ConfigError
 
 
 def config_error(overrides: list[str], source: dict | None = None) -> str:
@@ -74,7 +74,7 @@ def test_defaults_and_boundaries_are_accepted():
 
 def test_every_declared_range_names_a_real_field():
     # a renamed or removed field must not leave its check silently unused
-    from diffusion_align.config.loading import _RANGES
+    from diffusion_align.config.ranges import _RANGES
 
     for owner, ranges in _RANGES.items():
         module, _, name = owner.partition(":")

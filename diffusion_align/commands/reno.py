@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_flags(args) -> None:
     """One-line error for a numeric flag out of range, before any model is loaded."""
-    from diffusion_align.config.loading import POSITIVE, Range, at_least, check_range
+    from diffusion_align.config.ranges import POSITIVE, Range, at_least, check_range
 
     for flag, value, allowed in (
         ("--iterations", args.iterations, at_least(1)),

@@ -17,8 +17,8 @@
 * Command-line overrides ``train.lr=3e-4`` / ``rewards.0.weight=2`` are parsed as YAML values. To
   switch a variant on the command line, replace the whole node: ``'strategy={name: draft}'``.
 * A dataclass ``__post_init__`` may raise ValueError for cross-field checks; it becomes a ConfigError.
-* Relative paths in a YAML file are relative to that file's folder: a string value (not an output path,
-  see `_OUTPUT_KEYS`) that names an existing file or folder next to the file becomes that absolute path.
+* Relative paths in a YAML file are relative to that file's folder (`yaml_files`): a string value (not an
+  output path) that names an existing file or folder next to the file becomes that absolute path.
   Anything else is kept as written: a built-in name, a hub id, or a path relative to the current directory.
   Command-line overrides and dict sources are relative to the current directory.
 * Numbers: a float must be finite; a field with a `Range` (``add_ranges(Class, field=Range(...))``, keyed by
@@ -36,13 +36,14 @@ import importlib
 import math
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from diffusion_align.errors import UserError
+from diffusion_align.config.ranges import brief, check_range, ranges_of
+from diffusion_align.config.yaml_files import apply_overrides, read_yaml, resolve_base
+from diffusion_align.errors import ConfigError
 
 _BOOLS = {
     **dict.fromkeys(("true", "yes", "on", "1"), True),
@@ -50,81 +51,8 @@ _BOOLS = {
 }
 
 
-class ConfigError(UserError):
-    """A config problem; the message is always a single line."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).splitlines()))
-
-
-@dataclass(frozen=True)
-class Range:
-    """Allowed values of a numeric setting: `low`/`high` bounds (None = unbounded), open or closed."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # True: low itself is not allowed
-    high_open: bool = False
-    integer: bool = False  # only for the message ("an integer >= 1")
-
-    def allows(self, value: float) -> bool:
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
-
-    def describe(self) -> str:
-        """'at least 1', 'greater than 0', 'in [0, 1)', ... (what follows 'KEY=VALUE must be')."""
-        low = None if self.low is None else f"{self.low:g}"
-        high = None if self.high is None else f"{self.high:g}"
-        kind = "an integer " if self.integer and (low is None or high is not None) else ""
-        if low is not None and high is not None:
-            return f"{kind}in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
-        if low is not None:
-            return f"{'greater than' if self.low_open else 'at least'} {low}"
-        if high is not None:
-            return f"{'less than' if self.high_open else 'at most'} {high}"
-        return "a finite number"
-
-
-def at_least(low: float, integer: bool = True) -> Range:
-    return Range(low, integer=integer)
-
-
-POSITIVE = Range(0, low_open=True)  # finite and > 0 (learning rates, scales)
-FRACTION = Range(0, 1, low_open=True)  # (0, 1]: shares of steps
-PROBABILITY = Range(0, 1, high_open=True)  # [0, 1): dropout, Adam betas
-
-# "module:QualName" -> {field: Range}; filled by the modules that own the settings (config.settings)
-_RANGES: dict[str, dict[str, Range]] = {}
-
-
-def add_ranges(owner: type | str, **ranges: Range) -> None:
-    """Declare the allowed values of `owner`'s numeric fields; `owner` may be a "module:QualName" string, so
-    a class can be covered without importing it (its module is imported only when a config uses it)."""
-    key = owner if isinstance(owner, str) else f"{owner.__module__}:{owner.__qualname__}"
-    _RANGES.setdefault(key, {}).update(ranges)
-
-
-def ranges_of(cls: type) -> dict[str, Range]:
-    return _RANGES.get(f"{cls.__module__}:{cls.__qualname__}", {})
-
-
-def check_range(key: str, value: Any, allowed: Range) -> None:
-    """Raise a one-line ConfigError unless `value` (a number, or a list/tuple of numbers) is allowed."""
-    for v in value if isinstance(value, (list, tuple)) else (value,):
-        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        if not math.isfinite(v) or not allowed.allows(v):
-            raise ConfigError(f"{key}={_short(value)} must be {allowed.describe()}")
-
-
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _did_you_mean(word: Any, choices) -> str:
@@ -195,7 +123,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if any(value == a and type(value) is type(a) for a in args):
             return value
         hint = _did_you_mean(value, args) if isinstance(value, str) else ""
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}" + (hint and f"; {hint}"))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {brief(value)}" + (hint and f"; {hint}"))
     elif dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     elif tp is bool:
@@ -222,7 +150,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, (list, tuple)):
             fixed = (origin or tp) is tuple and args and args[-1] is not ...
             if fixed and len(value) != len(args):
-                raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}")
+                raise ConfigError(f"{path}: expected {_type_name(tp)}, got {brief(value)}")
             items = [
                 _coerce(v, args[i] if fixed else (args[0] if args else Any), _join(path, i))
                 for i, v in enumerate(value)
@@ -240,7 +168,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
     else:
         raise TypeError(f"{path}: unsupported config annotation {tp!r}")
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {brief(value)}")
 
 
 def _pick_variant(base: type, variants: dict, data: dict, path: str) -> tuple[type, dict]:
@@ -257,7 +185,7 @@ def _pick_variant(base: type, variants: dict, data: dict, path: str) -> tuple[ty
     else:
         hint = _did_you_mean(name, variants)
         raise ConfigError(
-            f"{where}: unknown {base.__name__} {_short(name)}{hint and f' ({hint})'}; registered: {names}; "
+            f"{where}: unknown {base.__name__} {brief(name)}{hint and f' ({hint})'}; registered: {names}; "
             "or give 'package.module:ClassName' for your own"
         )
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
@@ -276,7 +204,7 @@ def _build(cls: type, data: Any, path: str, pick: bool = True) -> Any:
         concrete, data = _pick_variant(cls, variants, {"name": data} if isinstance(data, str) else data, path)
         return _build(concrete, data, path, pick=False)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping for {cls.__name__}, got {_short(data)}")
+        raise ConfigError(f"{path or 'config'}: expected a mapping for {cls.__name__}, got {brief(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints, kwargs = _hints(cls), {}
     for key, value in data.items():
@@ -306,113 +234,13 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     return _build(cls, data, path)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Return a copy of `data` with each `key.sub=value` applied (value parsed as YAML; list indices
-    like `rewards.0.weight=2` address list items, and index == length appends)."""
-    data = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts):
-            raise ConfigError(f"bad override {item!r}: expected key.sub=value, e.g. train.lr=3e-4")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            problem = getattr(e, "problem", None) or e
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({problem}); quote it") from e
-        node: Any = data
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) > len(node):
-                    where = ".".join(parts[:i])
-                    raise ConfigError(f"override {item!r}: '{where}' is a list; use an index 0..{len(node)}")
-                part = int(part)
-                if part == len(node):
-                    node.append(None)
-            if last:
-                node[part] = value
-            else:
-                child = node[part] if isinstance(node, list) else node.get(part)
-                if not isinstance(child, (dict, list)):
-                    node[part] = child = {}
-                node = child
-    return data
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        inherited = out.get(key)
-        mergeable = isinstance(inherited, dict) and isinstance(value, dict)
-        if mergeable and value.get("name", inherited.get("name")) == inherited.get("name"):
-            value = _merge(inherited, value)  # a changed `name` means another variant: replace it whole
-        out[key] = value
-    return out
-
-
-# Where a run writes or resumes: relative to the current directory, never to the config file.
-_OUTPUT_KEYS = frozenset({"output_dir", "checkpoint.resume"})
-
-
-def _anchor_paths(value: Any, folder: Path, path: str = "") -> Any:
-    """`value` (a YAML file's data) with relative strings that name something in `folder` made absolute."""
-    if isinstance(value, dict):
-        return {k: _anchor_paths(v, folder, _join(path, k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_anchor_paths(v, folder, path) for v in value]
-    if not isinstance(value, str) or not value.strip() or path in _OUTPUT_KEYS or path == "base":
-        return value
-    if ":" in value or "\n" in value or Path(value).expanduser().is_absolute():  # module:attr, URLs
-        return value
-    try:
-        candidate = folder / value
-        return str(candidate.resolve()) if candidate.exists() else value
-    except (OSError, ValueError):  # not a usable path at all (too long, NUL)
-        return value
-
-
-def _resolve_base(data: dict, folder: Path, chain: tuple[Path, ...]) -> dict:
-    if "base" not in data:
-        return data
-    data = dict(data)
-    ref = data.pop("base")
-    if not isinstance(ref, str):
-        raise ConfigError(f"base: expected a path to a YAML file, got {_short(ref)}")
-    return _merge(_read_yaml(folder / Path(ref).expanduser(), chain), data)
-
-
-def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    if path.resolve() in chain:
-        raise ConfigError(f"{path}: 'base' includes loop back to this file")
-    via = f" (base of {chain[-1]})" if chain else ""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        cwd = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
-        raise ConfigError(f"config file not found: {path}{via}{cwd}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}{via}: {e.strerror}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from e
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return _resolve_base(_anchor_paths(data, path.parent), path.parent, (*chain, path.resolve()))
-
-
 def load_config(source: str | Path | dict, overrides: list[str] = (), *, cls: type) -> Any:
     """Read a YAML file (or a dict; its `base` is relative to the cwd), apply command-line overrides and
     build `cls` (`diffusion_align.config.load_config` defaults it to the toolkit's settings)."""
     if isinstance(source, dict):
-        data = _resolve_base(copy.deepcopy(source), Path("."), ())
+        data = resolve_base(copy.deepcopy(source), Path("."), ())
     else:
-        data = _read_yaml(Path(source))
+        data = read_yaml(Path(source))
     return from_dict(cls, apply_overrides(data, list(overrides)))
 
 

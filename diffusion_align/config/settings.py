@@ -9,15 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from diffusion_align.config.loading import (
-    FRACTION,
-    POSITIVE,
-    PROBABILITY,
-    ConfigError,
-    Range,
-    add_ranges,
-    at_least,
-)
+from diffusion_align.config.ranges import FRACTION, POSITIVE, PROBABILITY, Range, add_ranges, at_least
+from diffusion_align.errors import ConfigError
 from diffusion_align.methods.strategies import STRATEGY_CONFIGS
 
 
