@@ -125,7 +125,7 @@ def main() -> None:
 
     from PIL import Image
 
-    from diffusion_align.commands.score import DECODE_MARGIN
+    from diffusion_align.commands.score_batches import DECODE_MARGIN
     from rewards.testing import save_tiny_clip
 
     with tempfile.TemporaryDirectory() as tmp:

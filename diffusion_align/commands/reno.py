@@ -113,7 +113,7 @@ def _finite(value):
 
 def build_reno_reward(specs: list[str], reward_args: list[str], device):
     """--reward/--reward-arg -> one `rewards.Combined`; a bare NAME gets ReNO's default weight."""
-    from diffusion_align.commands.score import parse_reward_args, parse_reward_specs
+    from diffusion_align.commands.score_inputs import parse_reward_args, parse_reward_specs
     from diffusion_align.config.registry import build_reward
     from diffusion_align.config.settings import RewardSettings
     from diffusion_align.methods.reno import RENO_DEFAULT_WEIGHTS

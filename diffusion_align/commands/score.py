@@ -7,11 +7,18 @@ reported by path and skipped; the exit status is 1 when any file failed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
+from diffusion_align.commands.score_batches import MAX_CHUNK_VALUES, decode_side, score_batch
+from diffusion_align.commands.score_inputs import (
+    parse_frames,
+    parse_reward_args,
+    parse_reward_specs,
+    read_prompt_file,
+    resolve_prompt,
+)
 from diffusion_align.errors import UserError
 
 HELP = "Score image/video files and folders with one or more rewards; write one row per file."
@@ -100,105 +107,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Argument parsing helpers
-
-
-def parse_reward_specs(specs: list[str]) -> list[tuple[str, float]]:
-    """["clip=2", "aesthetic"] -> [("clip", 2.0), ("aesthetic", 1.0)]."""
-    out: list[tuple[str, float]] = []
-    for spec in specs:
-        name, sep, weight = spec.partition("=")
-        name = name.strip()
-        if not name:
-            raise UserError(f"--reward {spec!r}: expected NAME or NAME=WEIGHT")
-        try:
-            w = float(weight) if sep else 1.0
-        except ValueError:
-            raise UserError(f"--reward {spec!r}: weight {weight!r} is not a number") from None
-        if not math.isfinite(w):
-            raise UserError(f"--reward {spec!r}: weight {weight!r} must be a finite number")
-        if any(n == name for n, _ in out):
-            raise UserError(f"--reward {name!r} given twice; give each reward once")
-        out.append((name, w))
-    return out
-
-
-def _parse_value(text: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_reward_args(items: list[str], names: list[str]) -> dict[str, dict]:
-    """["clip.pretrained=/x", "clip.scale=100"] -> {"clip": {"pretrained": "/x", "scale": 100}}."""
-    out: dict[str, dict] = {n: {} for n in names}
-    for item in items:
-        key, sep, value = item.partition("=")
-        name, dot, arg = key.rpartition(".")
-        if not sep or not dot or not name or not arg:
-            raise UserError(f"--reward-arg {item!r}: expected NAME.KEY=VALUE, e.g. clip.pretrained=/path")
-        if name not in out:
-            raise UserError(
-                f"--reward-arg {item!r}: no --reward {name!r} was given (rewards: {', '.join(names)})"
-            )
-        out[name][arg] = _parse_value(value)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Prompts
-
-
-def read_prompt_file(path: str) -> dict[str, str]:
-    """NAME -> prompt from a "NAME<TAB>prompt" text file or a JSONL file of {"file", "prompt"} rows."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--prompts {path}: no such file")
-    table: dict[str, str] = {}
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if p.suffix.lower() == ".jsonl":
-            try:
-                row = json.loads(line)
-                table[str(row["file"])] = str(row["prompt"])
-                table[str((p.parent / str(row["file"])).resolve())] = str(row["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(
-                    f'--prompts {path}:{n}: expected a JSON object with "file" and "prompt"'
-                ) from None
-        else:
-            name, tab, prompt = line.partition("\t")
-            if not tab:
-                raise UserError(f"--prompts {path}:{n}: expected NAME<TAB>prompt")
-            table[name.strip()] = prompt.strip()
-    return table
-
-
-def resolve_prompt(
-    path: Path, table: dict[str, str], default: str | None, indexed: dict[Path, str] | None = None
-) -> str | None:
-    """The prompt for `path` in the documented order; None when there is none."""
-    for key in (str(path), path.name, path.stem, str(path.resolve())):
-        if key in table:
-            return table[key]
-    if indexed and path.resolve() in indexed:
-        return indexed[path.resolve()]
-    sidecar = path.with_suffix(".txt")
-    if sidecar.is_file() and sidecar != path:
-        return sidecar.read_text(encoding="utf-8").strip()
-    return default
-
-
-# ---------------------------------------------------------------------------------------------------
 # Output
 
 
@@ -219,88 +127,12 @@ def summary_table(columns: list[str], values: dict[str, list[float]], weights: d
     return "\n".join(lines)
 
 
-def parse_frames(spec: str) -> tuple[str, int | None]:
-    """ "all" | "fml" | "random:K" | "segments:K" -> (selection, K or None)."""
-    mode, _, k = spec.partition(":")
-    if mode in ("all", "fml") and not k:
-        return mode, None
-    if mode in ("random", "segments") and k.isdigit() and int(k) > 0:
-        return mode, int(k)
-    raise UserError(f"--frames {spec!r}: expected all, fml, random:K or segments:K (K a positive integer)")
-
-
 def lift_to_video(reward, spec: str, generator):
     """The image reward applied to selected frames of `(B, T, 3, H, W)` videos (rewards.per_frame)."""
     import rewards
 
     mode, k = parse_frames(spec)
     return rewards.per_frame(reward, mode, k=k, generator=generator)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Scoring
-
-
-# A reward exposing `image_size` (on itself or its `towers`) resizes its input to that side first (CLIP-type
-# preprocessing); files far larger than that can be decoded reduced without changing what it sees in practice.
-DECODE_MARGIN = 4  # decode keeping the shorter side >= 4x the reward's input side
-MAX_CHUNK_VALUES = 64 * 2**20  # pixel values (float32: 256 MB) loaded at once, past the first file
-
-
-def input_side(reward) -> int | None:
-    for owner in (reward, getattr(reward, "towers", None)):
-        size = getattr(owner, "image_size", None)
-        if isinstance(size, int) and size > 0:
-            return size
-    return None
-
-
-def decode_side(rewards: list) -> int | None:
-    """The shorter side files may be reduced to for all `rewards`; None when one needs the stored pixels."""
-    sides = [input_side(r) for r in rewards]
-    return DECODE_MARGIN * max(sides) if sides and all(sides) else None
-
-
-def _score_all(reward, pixels, prompts: list[str]) -> list[dict]:
-    import torch
-
-    with torch.no_grad():
-        total, parts = reward.score(pixels, prompts)
-    # 8 significant digits: what a float32 score holds, without float32->float64 noise in the output
-    rounded = {n: [float(f"{v:.8g}") for v in p.cpu().tolist()] for n, p in {**parts, "total": total}.items()}
-    return [{n: values[b] for n, values in rounded.items()} for b in range(len(prompts))]
-
-
-def score_batch(reward, pixels, prompts: list[str]) -> list[dict | str]:
-    """Per file: {reward: score, ..., "total": weighted sum}, or a one-line reason it could not be scored.
-    `reward` is a `rewards.Combined`; its components are the columns.
-
-    When a batch fails, its files are retried one by one so one bad file does not sink its neighbours.
-    """
-    try:
-        rows = _score_all(reward, pixels, prompts)
-    except Exception:
-        if len(prompts) == 1:
-            return [_reason(reward, pixels, prompts)]
-        return [score_batch(reward, pixels[i : i + 1], prompts[i : i + 1])[0] for i in range(len(prompts))]
-    return [row if all(math.isfinite(v) for v in row.values()) else _nonfinite(row) for row in rows]
-
-
-def _reason(reward, pixels, prompts: list[str]) -> str:
-    from rewards import Combined
-
-    for name, component in reward.rewards.items():
-        try:
-            _score_all(Combined({name: component}), pixels, prompts)
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            return f"reward {name} failed ({type(e).__name__}: {first})"
-    return "scoring failed"
-
-
-def _nonfinite(row: dict) -> str:
-    bad = [n for n, v in row.items() if n != "total" and not math.isfinite(v)]
-    return f"non-finite score from {', '.join(bad) or 'total'}"
 
 
 # ---------------------------------------------------------------------------------------------------
