@@ -30,7 +30,7 @@ REWARDS: dict[str, str] = {
     "jpeg_compressibility": "rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "rewards.jpeg:JpegIncompressibility",
     "artifact_judge": "rewards.artifact:ArtifactJudge",
-    "artifact_head": "rewards.artifact:ArtifactHead",
+    "artifact_head": "rewards.artifact_head:ArtifactHead",
     "shapes_color": "rewards.shapes:ShapesColorReward",
     "shapes_count": "rewards.shapes:ShapesCountReward",
     "shapes_color_soft": "rewards.shapes:ShapesColorSoftReward",

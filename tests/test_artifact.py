@@ -15,16 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from rewards.artifact import (
-    PROMPT,
-    ArtifactHead,
-    ArtifactJudge,
-    LogisticHead,
-    fit_head,
-    load_head,
-    save_head,
-    yes_probability,
-)
+from rewards.artifact import PROMPT, ArtifactJudge, yes_probability
+from rewards.artifact_head import ArtifactHead, LogisticHead, fit_head, load_head, save_head
 from rewards.errors import RewardError
 from rewards.testing import save_tiny_clip
 
@@ -250,7 +242,7 @@ def test_fit_head_learns_a_separable_rule():
 
 
 def test_head_saved_and_loaded_through_real_code(tmp_path, clip_dir):
-    from rewards.artifact import load_clip
+    from rewards.artifact_head import load_clip
 
     reward = ArtifactHead(load_clip(clip_dir), _trained_head(), clip_source=str(clip_dir))
     path = reward.save(tmp_path / "head.safetensors", heldout_accuracy="0.9")
@@ -265,7 +257,7 @@ def test_head_saved_and_loaded_through_real_code(tmp_path, clip_dir):
 
 
 def test_head_is_differentiable_and_says_so(clip_dir):
-    from rewards.artifact import load_clip
+    from rewards.artifact_head import load_clip
 
     reward = ArtifactHead(load_clip(clip_dir), _trained_head())
     images = _images(2, size=48).requires_grad_(True)
@@ -276,7 +268,7 @@ def test_head_is_differentiable_and_says_so(clip_dir):
 
 
 def test_head_errors(tmp_path, clip_dir):
-    from rewards.artifact import load_clip
+    from rewards.artifact_head import load_clip
 
     with pytest.raises(RewardError, match="train-artifact-head"):
         ArtifactHead.from_pretrained(tmp_path / "missing.safetensors")

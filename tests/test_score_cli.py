@@ -330,7 +330,7 @@ def test_score_isolates_files_a_reward_fails_on(tmp_path, monkeypatch, capsys):
 
 
 def test_score_with_artifact_head_from_files(tmp_path, mixed_folder, capsys):
-    from rewards.artifact import LogisticHead, save_head
+    from rewards.artifact_head import LogisticHead, save_head
     from rewards.testing import save_tiny_clip
 
     clip_dir = save_tiny_clip(tmp_path / "clip", image_size=32, patch_size=8)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from diffusion_align.cli import main
-from rewards.artifact import ArtifactHead, load_head
+from rewards.artifact_head import ArtifactHead, load_head
 from rewards.io import load_media
 from rewards.testing import save_tiny_clip
 

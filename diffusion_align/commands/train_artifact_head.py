@@ -41,7 +41,7 @@ def embed_folders(clip, folders: list[str], batch_size: int, device, desc: str):
     import torch
     from tqdm import tqdm
 
-    from rewards.artifact import clip_image_embeddings
+    from rewards.artifact_head import clip_image_embeddings
     from rewards.io import LoadFailure, find_media, group_by_shape, load_many
 
     files, failures = find_media(folders)
@@ -86,7 +86,7 @@ def accuracy(head, features, labels) -> float:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from rewards.artifact import fit_head, load_clip, save_head
+    from rewards.artifact_head import fit_head, load_clip, save_head
 
     if not 0 <= args.val_fraction < 1:
         raise UserError("--val-fraction must be in [0, 1)")
