@@ -6,7 +6,8 @@ that a detector built from colour snapping + connected components is reliable; t
 model (diffusion_align/assets/shapes) is trained on images of this world, and these rewards check it.
 
 This module is the single source of truth for the vocabulary: the data generator in diffusion_align
-imports it from here (rewards never imports diffusion_align).
+imports it from here (rewards never imports diffusion_align). Over 300 lines on purpose: the grammar, the
+detector and the four rewards are one definition of "correct" and are read together.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 `build(out_dir, RecipeConfig())` writes `pipeline/` (a StableDiffusionPipeline folder), `clip/` (a
 CLIPModel folder with its processor) and `train_log.jsonl`. Every component is seeded and trained for a
 fixed number of steps, so a CPU run is reproducible for a given thread count; `minutes` is only a safety
-cap (a run that hits it says so in the log and is no longer step-for-step reproducible).
+cap (a run that hits it says so in the log and is no longer step-for-step reproducible). One file, a little
+over 300 lines: the three trainings and the save are one recipe, read top to bottom.
 """
 
 from __future__ import annotations
