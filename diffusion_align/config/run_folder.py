@@ -8,7 +8,7 @@
 - `check_start` only reads; `write_start` writes, and the trainer calls it (through the `RunFolder` the
   builder hands it) once everything the config names has been built, so a config that fails never touches
   the folder.
-- A resume compares the config with the one saved in the checkpoint (`config_changes`), refuses changes that
+- A resume compares the config with the one saved in the checkpoint (`config.changes`), refuses changes that
   alter the math and records the others in `config_history.jsonl`.
 - Code named by the config (`package.module:attr`) is listed with its file in `custom_components.json`.
 """

@@ -17,7 +17,7 @@ Works alone (`diffusion-align train CONFIG`) and under `accelerate launch`. Conv
 - One run per folder (`run_folder`, decided by the builder): a non-empty output_dir is refused unless
   resumed or overwritten, and nothing is written there before everything the config names has been
   built. A resume falls back past damaged checkpoints and refuses config changes that alter the math
-  (`config_changes`).
+  (`config.changes`).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from diffusion_align.methods.distributed import LocalGroup
 from diffusion_align.methods.strategies.sampling import (
     image_size,
     per_sample_generators,
+    per_step_micros,
     sample_batch,
     shared_initial_noise,
     trained_steps,
@@ -123,26 +124,13 @@ class D3PO:
         n_opt = max(1, batch["global_pairs"] // (pairs_per_step * self.group.world_size))
         order = torch.randperm(len(batch["win"]), generator=generator)
         step_order = trained_steps(len(order), num_steps, 1.0, self.config.timestep_fraction, generator)
-        trained = step_order.shape[1]
         plan = []
         for chunk in np.array_split(order.numpy(), n_opt):
             pairs = torch.from_numpy(chunk).long()
             if len(pairs) == 0:  # this process has no pair for the step: contribute a zero gradient
                 plan.append([{"batch": batch, "pairs": pairs, "steps": pairs, "weight": 1.0}])
                 continue
-            micros = []
-            for m in range(0, len(pairs), pairs_per_micro):
-                p = pairs[m : m + pairs_per_micro]
-                for j in range(trained):
-                    micros.append(
-                        {
-                            "batch": batch,
-                            "pairs": p,
-                            "steps": step_order[p, j],
-                            "weight": len(p) / (len(pairs) * trained),
-                        }
-                    )
-            plan.append(micros)
+            plan.append(per_step_micros(batch, pairs, step_order, pairs_per_micro, "pairs"))
         return plan
 
     # --- loss ----------------------------------------------------------------------------------------

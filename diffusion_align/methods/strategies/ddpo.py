@@ -24,6 +24,7 @@ from diffusion_align.math.samplers import gaussian_kl, gaussian_log_prob
 from diffusion_align.math.stat_tracking import PerPromptStatTracker
 from diffusion_align.methods.distributed import LocalGroup
 from diffusion_align.methods.strategies.sampling import (
+    per_step_micros,
     sample_groups,
     step_rows,
     trained_steps,
@@ -95,23 +96,11 @@ class DDPO:
         cfg = self.config
         order = torch.randperm(n, generator=generator)
         step_order = trained_steps(n, num_steps, cfg.timestep_window, cfg.timestep_fraction, generator)
-        trained = step_order.shape[1]
-        plan = []
-        for rows in step_rows(order, batch_size):
-            micros = []
-            for m in range(0, len(rows), micro_batch_size):
-                r = rows[m : m + micro_batch_size]
-                for j in range(trained):  # ddpo-pytorch: inner loop over the sample's shuffled steps
-                    micros.append(
-                        {
-                            "batch": batch,
-                            "rows": r,
-                            "steps": step_order[r, j],
-                            "weight": len(r) / (len(rows) * trained),
-                        }
-                    )
-            plan.append(micros)
-        return plan
+        # ddpo-pytorch: an inner loop over each sample's shuffled steps
+        return [
+            per_step_micros(batch, rows, step_order, micro_batch_size, "rows")
+            for rows in step_rows(order, batch_size)
+        ]
 
     # --- loss ----------------------------------------------------------------------------------------
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:

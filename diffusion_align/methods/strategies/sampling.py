@@ -132,6 +132,22 @@ def step_rows(order: Tensor, batch_size: int) -> list[Tensor]:
     return [order[s : s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
 
 
+def per_step_micros(batch: dict, rows: Tensor, step_order: Tensor, micro_size: int, key: str) -> list[dict]:
+    """One optimizer step's micro-batches when each sample trains on several of its steps: for each chunk of
+    `micro_size` of `rows`, one micro per trained step j (chunk-major, as ddpo-pytorch loops), with the
+    chunk's `key` (rows or pairs), steps `step_order[chunk, j]` and weight = its share of the step."""
+    trained = step_order.shape[1]
+    micros = []
+    for m in range(0, len(rows), micro_size):
+        chunk = rows[m : m + micro_size]
+        weight = len(chunk) / (len(rows) * trained)
+        micros += [
+            {"batch": batch, key: chunk, "steps": step_order[chunk, j], "weight": weight}
+            for j in range(trained)
+        ]
+    return micros
+
+
 def transition_inputs(batch: dict, rows: Tensor, steps: Tensor):
     """Stored (x_t, x_prev, t, embeds) of samples `rows`, each at its own step index `steps`."""
     latents = batch["latents"]
