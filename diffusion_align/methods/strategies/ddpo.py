@@ -20,7 +20,6 @@ from torch import Tensor
 
 from diffusion_align.errors import UserError
 from diffusion_align.math.losses import clip_advantages, ppo_clip_loss
-from diffusion_align.math.samplers import gaussian_kl, gaussian_log_prob
 from diffusion_align.math.stat_tracking import PerPromptStatTracker
 from diffusion_align.methods.distributed import LocalGroup
 from diffusion_align.methods.strategies.sampling import (
@@ -107,7 +106,7 @@ class DDPO:
         cfg, s, batch = self.config, self.sample, micro["batch"]
         x_t, x_prev, t, embeds = transition_inputs(batch, micro["rows"], micro["steps"])
         mean, std = self.policy.transition(x_t, t, embeds, s.guidance_scale, s.num_steps)
-        log_prob = gaussian_log_prob(x_prev, mean, std)
+        log_prob = self.policy.sampler.log_prob(x_prev, mean, std)
         rows, steps = micro["rows"].to(x_t.device), micro["steps"].to(x_t.device)
         old = batch["log_probs"][rows, steps]
         per_sample, ratio, approx_kl, clip_fraction = ppo_clip_loss(
@@ -123,7 +122,7 @@ class DDPO:
         if cfg.beta > 0:
             with torch.no_grad(), self.policy.reference():
                 ref_mean, _ = self.policy.transition(x_t, t, embeds, s.guidance_scale, s.num_steps)
-            kl = gaussian_kl(mean, ref_mean, std).mean()
+            kl = self.policy.sampler.kl(mean, ref_mean, std).mean()
             loss = loss + cfg.beta * kl
             metrics["kl"] = kl.item()
         return loss, metrics
