@@ -23,6 +23,7 @@ from torch import Tensor
 
 from diffusion_align.engine.rollout import rollout
 from diffusion_align.errors import UserError
+from diffusion_align.math.flow_samplers import FlowMatchSampler
 from diffusion_align.math.samplers import DDIMSampler
 from diffusion_align.math.scheduler_sampler import SchedulerSampler
 
@@ -89,12 +90,20 @@ class NoiseToImage:
         return self.run(z, embeds, seeds).images
 
 
-def make_sampler(backbone, scheduler: str = "auto", eta: float = 0.0):
+def make_sampler(backbone, scheduler: str = "auto", eta: float = 0.0, size: tuple[int, int] | None = None):
     """The generation sampler for `backbone`: "auto" (the backbone's own scheduler: DDIM-like ones as
     DDIM-eta with trailing spacing, others such as SD-Turbo's Euler ancestral stepped directly), "ddim"
     (always DDIM-eta, trailing), "native" (the backbone's scheduler, its own spacing), or a few-step
-    scheduler built on the backbone's schedule: "euler_ancestral" (trailing), "euler" (trailing) or "lcm"."""
+    scheduler built on the backbone's schedule: "euler_ancestral" (trailing), "euler" (trailing) or "lcm".
+    Flow models (SD3, FLUX: a backbone with a `schedule`) step their own flow schedule at `size`: the Euler
+    ODE (eta > 0: the flow SDE), as their pipelines and FLUX-schnell's few steps do."""
     own = backbone.scheduler
+    if hasattr(backbone, "schedule"):
+        if scheduler not in ("auto", "native"):
+            raise UserError(
+                f"scheduler {scheduler!r} is for DDPM-type models; flow models use their own (auto)"
+            )
+        return FlowMatchSampler(own, eta, schedule=lambda num_steps: backbone.schedule(num_steps, size))
     if scheduler == "auto":
         scheduler = "ddim" if type(own).__name__ in DDIM_COMPATIBLE else "native"
     if scheduler == "ddim":
@@ -117,8 +126,9 @@ def make_generator(
     scheduler: str = "auto",
     checkpoint: bool = False,
     eta: float = 0.0,
+    size: tuple[int, int] | None = None,
 ) -> NoiseToImage:
-    """The noise -> image map for `backbone` with the sampler `make_sampler(backbone, scheduler, eta)`."""
+    """The noise -> image map for `backbone` through `make_sampler(backbone, scheduler, eta, size)`."""
     return NoiseToImage(
-        backbone, make_sampler(backbone, scheduler, eta), num_steps, guidance_scale, checkpoint
+        backbone, make_sampler(backbone, scheduler, eta, size), num_steps, guidance_scale, checkpoint
     )
