@@ -90,7 +90,7 @@ def _load_lora(backbone, directory: str, model: str) -> None:
     from diffusion_align.engine.lora_files import check_lora_fits
 
     path = Path(directory)
-    check_lora_fits(path, backbone.unet, model)
+    check_lora_fits(path, backbone.unet, model, prefix=f"{backbone.lora_prefix}.")
     if getattr(backbone, "is_video", False):
         backbone.load_lora(str(path))  # TextToVideoSD's UNet3D has no diffusers LoRA loader
     else:
