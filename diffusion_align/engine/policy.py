@@ -82,6 +82,10 @@ class Policy:
         from diffusers.utils import convert_state_dict_to_diffusers
 
         state = get_peft_model_state_dict(self.backbone.unet, adapter_name=ADAPTER)
+        if self.backbone.lora_prefix != "unet":
+            # transformer loaders (SD3, FLUX) read peft's lora_A/lora_B names, as diffusers' DiT scripts save
+            # them; converting would rename only the to_q/k/v/out keys, which SD3's loader then drops
+            return state
         return convert_state_dict_to_diffusers(state)
 
     def save_lora(

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from diffusion_align.engine.backbones.sd3 import SD3Backbone
 from diffusion_align.engine.backbones.stable_diffusion import PromptEmbeds
+from diffusion_align.errors import UserError
 
 
 class FluxBackbone(SD3Backbone):
@@ -48,7 +49,13 @@ class FluxBackbone(SD3Backbone):
         self, prompts: list[str], negative_prompt: str | None = None, guidance: bool = True, size=None
     ) -> PromptEmbeds:
         """CLIP pooled (B, P) + T5 states (B, L, D) through the pipeline's `encode_prompt`. No negatives:
-        FLUX's guidance is distilled into the model (negative_prompt and `guidance` are not used)."""
+        FLUX's guidance is distilled into the model (`guidance` is not used; a negative prompt is an error
+        rather than silently ignored)."""
+        if negative_prompt is not None:
+            raise UserError(
+                "FLUX is guidance-distilled and has no negative prompt: remove sample.negative_prompt "
+                "(--negative-prompt); sample.guidance_scale sets its guidance embedding"
+            )
         cond, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
         )
