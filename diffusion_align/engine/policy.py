@@ -1,4 +1,4 @@
-"""The policy: a backbone's denoiser with a LoRA adapter, scored as DDIM-eta Gaussian transitions.
+"""The policy: a backbone's denoiser with a LoRA adapter, scored as its sampler's Gaussian transitions.
 
 LoRA goes in through diffusers' `add_adapter(LoraConfig)`, so what we save is the diffusers LoRA format and
 loads in plain diffusers with `pipe.load_lora_weights(dir)`. The frozen base model is the reference policy:
@@ -18,7 +18,6 @@ from torch import Tensor
 
 from diffusion_align.engine.lora_files import check_lora_fits, record_base
 from diffusion_align.errors import UserError
-from diffusion_align.math.samplers import gaussian_log_prob
 
 ADAPTER = "default"
 
@@ -65,7 +64,7 @@ class Policy:
     ) -> Tensor:
         """log p_theta(x_prev | x_t) per sample, (B,) float32, differentiable in the LoRA weights."""
         mean, std = self.transition(x_t, t, embeds, guidance_scale, num_steps)
-        return gaussian_log_prob(x_prev, mean, std)
+        return self.sampler.log_prob(x_prev, mean, std)
 
     @contextmanager
     def reference(self):

@@ -53,7 +53,7 @@ def rollout(
     x_T: Tensor,
     num_steps: int,
     guidance_scale: float,
-    eta: float | None = None,
+    eta: float | list[float] | None = None,
     grad_steps: Iterable[int] = (),
     grad_to_noise: bool = False,
     checkpoint: bool = False,
@@ -68,12 +68,15 @@ def rollout(
     start: the first step index, x_T then being the latent at that step (e.g. a stored one); the returned
     latents hold x_T and the steps run (S - start + 1 of them), log_probs the steps run;
     grad_steps: step indices (0 = noisiest; negatives count from the end) whose denoiser call keeps gradient;
+    eta: the sampler's noise level, or one per step (Flow-GRPO-Fast's SDE window: 0 outside it); with a
+    per-step list, log_probs has a column per step, 0 where the step drew no noise;
     checkpoint: recompute those calls in backward (activation checkpointing) to save memory;
     generator: the per-step noise source (a list gives one stream per sample, making samples independent of
     batch composition); progress: show a bar (a string names it).
     """
     timesteps = sampler.timesteps(num_steps, device=x_T.device)
     eta = sampler.eta if eta is None else eta
+    per_step = isinstance(eta, (list, tuple))
     window = set(range(num_steps)) if grad_to_noise else {i % num_steps for i in grad_steps}
     x_t, latents, log_probs = x_T, [x_T.detach()], []
     desc = progress if isinstance(progress, str) else "denoising"
@@ -86,12 +89,14 @@ def rollout(
                 out = grad_checkpoint(backbone.predict, x_in, t, embeds, guidance_scale, use_reentrant=False)
             else:
                 out = backbone.predict(x_in, t, embeds, guidance_scale)
-        step = sampler.step(out, t, x_t, num_steps, eta, generator)
+        step = sampler.step(out, t, x_t, num_steps, eta[i] if per_step else eta, generator)
         x_t = step.prev
         if on_step is not None and (replaced := on_step(i, t, step)) is not None:
             x_t = replaced
         if step.log_prob is not None:
             log_probs.append(step.log_prob)
+        elif per_step:  # a deterministic step of a windowed chain: nothing to score, keep the columns aligned
+            log_probs.append(torch.zeros(len(x_t), device=x_t.device))
         latents.append(x_t.detach())
     images = None
     if decode:

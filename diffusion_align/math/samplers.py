@@ -43,8 +43,9 @@ class Sampler(Protocol):
     scale_input(x_t, t): the denoiser's input at t (identity for DDIM and flow samplers).
     step(model_output, t, x_t, num_steps, eta, generator) -> Step: draw x_prev (the noise from `generator`,
         a list giving one stream per sample).
-    transition(model_output, t, x_t, num_steps, eta) -> (mean, std): the Gaussian p(x_prev | x_t), from
-        which `gaussian_log_prob` and `gaussian_kl` give the log-probs and KLs the likelihood methods use.
+    transition(model_output, t, x_t, num_steps, eta) -> (mean, std): the Gaussian p(x_prev | x_t);
+    log_prob(x_prev, mean, std) -> (B,) and kl(mean_p, mean_q, std) -> (B,): what the likelihood methods
+        (DDPO, D3PO, PRDP, Flow-GRPO) score stored steps with (`gaussian_log_prob`/`gaussian_kl` here).
         Samplers without Gaussian transitions (`SchedulerSampler`) raise; rollouts still work.
     add_noise(x0, noise, t): a draw of the forward process q(x_t | x0) (DRaFT-LV re-noising, offline data).
     eta: the default noise level of `step`/`transition`; init_noise_sigma: the scale of x_T.
@@ -60,6 +61,10 @@ class Sampler(Protocol):
     def step(self, model_output, t, x_t, num_steps: int, eta: float | None, generator=None) -> Step: ...
 
     def transition(self, model_output, t, x_t, num_steps: int, eta: float | None = None): ...
+
+    def log_prob(self, x_prev: Tensor, mean: Tensor, std: Tensor) -> Tensor: ...
+
+    def kl(self, mean_p: Tensor, mean_q: Tensor, std: Tensor) -> Tensor: ...
 
     def add_noise(self, x0: Tensor, noise: Tensor, t) -> Tensor: ...
 
@@ -122,6 +127,12 @@ class DDIMSampler:
         mean, std, x0 = self._transition(model_output, t, x_t, num_steps, eta)
         prev, log_prob = gaussian_step(mean, std, x_t, eta, generator)
         return Step(prev, log_prob, x0)
+
+    def log_prob(self, x_prev: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        return gaussian_log_prob(x_prev, mean, std)
+
+    def kl(self, mean_p: Tensor, mean_q: Tensor, std: Tensor) -> Tensor:
+        return gaussian_kl(mean_p, mean_q, std)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t) -> Tensor:
         """sqrt(a_t) x0 + sqrt(1 - a_t) noise, a_t = alpha_bar at the timestep t (an int or 0-d tensor)."""

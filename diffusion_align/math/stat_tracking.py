@@ -1,8 +1,9 @@
-"""DDPO's per-prompt reward normalisation (ddpo-pytorch `PerPromptStatTracker`, anchors §2.1).
+"""Reward -> advantage normalisations: DDPO's per-prompt buffers (ddpo-pytorch `PerPromptStatTracker`,
+anchors §2.1) and GRPO's groups of one batch (flow_grpo `stat_tracking.py`, anchors §2.5).
 
-Each prompt keeps a deque of its last `buffer_size` rewards. After this batch's rewards are appended, a prompt
-with at least `min_count` stored rewards is normalised by its own mean/std; otherwise by the batch mean/std.
-std is the population std; advantages are (r - mean) / (std + 1e-6).
+DDPO: each prompt keeps a deque of its last `buffer_size` rewards. After this batch's rewards are appended,
+a prompt with at least `min_count` stored rewards is normalised by its own mean/std; otherwise by the batch
+mean/std. std is the population std; advantages are (r - mean) / (std + 1e-6).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections import deque
 import numpy as np
 
 EPS = 1e-6
+GROUP_EPS = 1e-4  # flow_grpo's
 
 
 class PerPromptStatTracker:
@@ -51,3 +53,16 @@ class PerPromptStatTracker:
 
     def load_state_dict(self, state: dict) -> None:
         self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state["buffers"].items()}
+
+
+def group_advantages(prompts: list[str], rewards, global_std: bool = False) -> np.ndarray:
+    """GRPO (Flow-GRPO): (r - mean of the prompt's rewards in this batch) / (std + 1e-4), the std being the
+    prompt's own (population) or, with `global_std`, the whole batch's. Returns (N,) float32."""
+    rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+    prompts = np.asarray(prompts, dtype=object)
+    advantages = np.empty_like(rewards)
+    for prompt in dict.fromkeys(prompts.tolist()):
+        rows = prompts == prompt
+        std = rewards.std() if global_std else rewards[rows].std()
+        advantages[rows] = (rewards[rows] - rewards[rows].mean()) / (std + GROUP_EPS)
+    return advantages.astype(np.float32)

@@ -46,6 +46,10 @@ STRATEGIES: dict[str, tuple[str, str]] = {
         "diffusion_align.methods.strategies.ddpo:DDPOConfig",
         "diffusion_align.methods.strategies.ddpo:DDPO",
     ),
+    "flow_grpo": (
+        "diffusion_align.methods.strategies.ddpo:FlowGRPOConfig",
+        "diffusion_align.methods.strategies.ddpo:DDPO",
+    ),
     "d3po": (
         "diffusion_align.methods.strategies.d3po:D3POConfig",
         "diffusion_align.methods.strategies.d3po:D3PO",

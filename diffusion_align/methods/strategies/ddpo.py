@@ -9,19 +9,25 @@ plan: each sample trains on the first `timestep_fraction` of its own random perm
 early `timestep_window` of the chain; one optimizer step = `batch_size` samples through all their trained
 steps (ddpo-pytorch's accumulation).
 loss: PPO-clip on the per-step ratio, CFG recomputed at the sampling scale, optional KL to the base model.
+
+Flow-GRPO (Liu et al. 2025; flow_grpo, anchors §2.5) is this objective on a flow model's SDE sampler with
+GRPO advantages: `FlowGRPOConfig` sets its defaults (groups of a prompt normalised within the batch by the
+global std, KL weight, clip). `sde_window` = k > 0 is Flow-GRPO-Fast: the chain is an ODE except k
+consecutive SDE steps at a random place in the trainable window (redrawn every collect), and only those
+steps are trained, so a group branches there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from diffusion_align.errors import UserError
 from diffusion_align.math.losses import clip_advantages, ppo_clip_loss
-from diffusion_align.math.samplers import gaussian_kl, gaussian_log_prob
-from diffusion_align.math.stat_tracking import PerPromptStatTracker
+from diffusion_align.math.stat_tracking import PerPromptStatTracker, group_advantages
 from diffusion_align.methods.distributed import LocalGroup
 from diffusion_align.methods.strategies.sampling import (
     per_step_micros,
@@ -29,6 +35,7 @@ from diffusion_align.methods.strategies.sampling import (
     step_rows,
     trained_steps,
     transition_inputs,
+    window_steps,
 )
 
 
@@ -49,6 +56,23 @@ class DDPOConfig:
     stat_buffer_size: int = 16  # rewards kept per prompt
     stat_min_count: int = 16  # per-prompt stats only once a prompt has this many rewards
     beta: float = 0.0  # weight of KL(policy || base model) per step; 0 = the published DDPO
+    # "stat_tracker": DDPO's per-prompt buffers over epochs; "group": GRPO, each prompt's group in this batch
+    advantages: Literal["stat_tracker", "group"] = "stat_tracker"
+    global_std: bool = False  # "group" advantages divided by the whole batch's std (Flow-GRPO's default)
+    sde_window: int = 0  # > 0: Flow-GRPO-Fast, an ODE chain with this many SDE steps, only they trained
+
+
+@dataclass
+class FlowGRPOConfig(DDPOConfig):
+    """Flow-GRPO's published settings (SD3.5-M; flow_grpo `config/grpo.py`): 24 images per prompt, GRPO
+    advantages with the global std, clip 1e-4, advantages clipped to 5, KL weight 0.04 (0.01 for
+    PickScore), 99 % of the steps trained. The noise level (0.7) is `sample.eta` of a flow model."""
+
+    group_size: int = 24
+    advantages: Literal["stat_tracker", "group"] = "group"
+    global_std: bool = True
+    timestep_fraction: float = 0.99
+    beta: float = 0.04
 
 
 class DDPO:
@@ -60,6 +84,12 @@ class DDPO:
                 raise UserError(f"DDPO {name}={getattr(config, name)} must be in (0, 1]")
         if config.group_size < 1:
             raise UserError(f"DDPO group_size={config.group_size} must be at least 1")
+        usable = window_steps(sample.num_steps, config.timestep_window)
+        if not 0 <= config.sde_window <= usable:
+            raise UserError(
+                f"sde_window={config.sde_window} must be between 0 (SDE everywhere) and the {usable} steps "
+                f"of timestep_window={config.timestep_window} x sample.num_steps={sample.num_steps}"
+            )
         self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
         self.group = group or LocalGroup()
         self.num_inner_epochs = config.num_inner_epochs
@@ -69,11 +99,16 @@ class DDPO:
     @torch.no_grad()
     def collect(self, prompts: list[str], generator) -> dict:
         cfg = self.config
-        batch = sample_groups(self, prompts, generator, cfg.group_size, cfg.share_initial_noise, "DDPO")
+        eta, window = self.sde_steps(generator)
+        batch = sample_groups(self, prompts, generator, cfg.group_size, cfg.share_initial_noise, "DDPO", eta)
+        batch["sde_steps"] = window
         prompts = batch["prompts"]
         rewards = self.group.gather(batch["reward"].float())
         every_prompt = self.group.gather_object(list(prompts))
-        if self.config.per_prompt_stat_tracking:
+        if cfg.advantages == "group":
+            adv = group_advantages(every_prompt, rewards.cpu().numpy(), cfg.global_std)
+            adv, per_prompt = torch.from_numpy(adv).to(rewards.device), 1.0
+        elif self.config.per_prompt_stat_tracking:
             adv, per_prompt = self.tracker.update(every_prompt, rewards.cpu().numpy())
             adv = torch.from_numpy(adv).to(rewards.device)
         else:
@@ -90,12 +125,30 @@ class DDPO:
         )
         return batch
 
+    def sde_steps(self, generator) -> tuple[list[float] | None, Tensor | None]:
+        """Flow-GRPO-Fast's window: (per-step noise levels, its step indices), or (None, None) without one.
+        Drawn from a copy of the first sample's generator, so the samples' own noise is untouched."""
+        k, s = self.config.sde_window, self.sample
+        if k == 0:
+            return None, None
+        first = generator[0] if isinstance(generator, (list, tuple)) else generator
+        draw = torch.Generator(first.device)
+        draw.set_state(first.get_state())
+        usable = window_steps(s.num_steps, self.config.timestep_window)
+        start = int(torch.randint(0, usable - k + 1, (), generator=draw, device=first.device))
+        steps = torch.arange(start, start + k)
+        return [s.eta if start <= i < start + k else 0.0 for i in range(s.num_steps)], steps
+
     # --- plan ----------------------------------------------------------------------------------------
     def plan(self, batch: dict, batch_size: int, micro_batch_size: int, generator) -> list[list[dict]]:
         n, num_steps = batch["log_probs"].shape
         cfg = self.config
         order = torch.randperm(n, generator=generator)
-        step_order = trained_steps(n, num_steps, cfg.timestep_window, cfg.timestep_fraction, generator)
+        if batch.get("sde_steps") is not None:  # Fast: only the window's steps drew noise to score
+            window = batch["sde_steps"]
+            step_order = window[trained_steps(n, len(window), 1.0, cfg.timestep_fraction, generator)]
+        else:
+            step_order = trained_steps(n, num_steps, cfg.timestep_window, cfg.timestep_fraction, generator)
         # ddpo-pytorch: an inner loop over each sample's shuffled steps
         return [
             per_step_micros(batch, rows, step_order, micro_batch_size, "rows")
@@ -107,7 +160,7 @@ class DDPO:
         cfg, s, batch = self.config, self.sample, micro["batch"]
         x_t, x_prev, t, embeds = transition_inputs(batch, micro["rows"], micro["steps"])
         mean, std = self.policy.transition(x_t, t, embeds, s.guidance_scale, s.num_steps)
-        log_prob = gaussian_log_prob(x_prev, mean, std)
+        log_prob = self.policy.sampler.log_prob(x_prev, mean, std)
         rows, steps = micro["rows"].to(x_t.device), micro["steps"].to(x_t.device)
         old = batch["log_probs"][rows, steps]
         per_sample, ratio, approx_kl, clip_fraction = ppo_clip_loss(
@@ -123,7 +176,7 @@ class DDPO:
         if cfg.beta > 0:
             with torch.no_grad(), self.policy.reference():
                 ref_mean, _ = self.policy.transition(x_t, t, embeds, s.guidance_scale, s.num_steps)
-            kl = gaussian_kl(mean, ref_mean, std).mean()
+            kl = self.policy.sampler.kl(mean, ref_mean, std).mean()
             loss = loss + cfg.beta * kl
             metrics["kl"] = kl.item()
         return loss, metrics

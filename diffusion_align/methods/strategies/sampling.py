@@ -23,13 +23,15 @@ def grouped_prompts(prompts: list[str], size: int, who: str) -> list[str]:
     return [p for p in prompts[0::size] for _ in range(size)]
 
 
-def sample_groups(strategy, prompts: list[str], generator, size: int, share_noise: bool, who: str) -> dict:
+def sample_groups(
+    strategy, prompts: list[str], generator, size: int, share_noise: bool, who: str, eta=None
+) -> dict:
     """`sample_batch` of groups: prompts[g * size] repeated `size` times, each image with its own step noise
     and, unless `share_noise`, its own x_T."""
     grouped = grouped_prompts(prompts, size, who)
     gens = per_sample_generators(generator, len(grouped), strategy.policy.backbone.device)
     x_T = shared_initial_noise(strategy.policy, strategy.sample, gens, size) if share_noise else None
-    return sample_batch(strategy.policy, strategy.reward, strategy.sample, grouped, gens, x_T)
+    return sample_batch(strategy.policy, strategy.reward, strategy.sample, grouped, gens, x_T, eta=eta)
 
 
 def shared_initial_noise(policy, sample, gens: list, size: int) -> Tensor:
@@ -78,13 +80,14 @@ def sample_batch(
     generator,
     x_T: Tensor | None = None,
     keep_images: bool = False,
+    eta=None,
 ) -> dict:
     """Rollouts of `prompts` in chunks of sample.batch_size, scored by `reward`.
 
     Returns {"prompts", "embeds": PromptEmbeds (N, ...), "latents": (N, S+1, C, h, w), "log_probs": (N, S),
     "timesteps": (S,), "reward": (N,), "components": {name: (N,)}, "metrics": {...}}. `x_T` (N, C, h, w)
     overrides the initial noise (D3PO pairs); otherwise each sample's generator draws it first. `keep_images`
-    adds "images" (N, 3, H, W) in [0, 1].
+    adds "images" (N, 3, H, W) in [0, 1]; `eta` overrides sample.eta (a per-step list: a windowed SDE).
     """
     backbone, n = policy.backbone, len(prompts)
     gens = per_sample_generators(generator, n, backbone.device)
@@ -94,7 +97,8 @@ def sample_batch(
         chunk_prompts, chunk_gens = prompts[chunk], gens[chunk]
         e, traj = generate(
             backbone, policy.sampler, chunk_prompts, chunk_gens, sample.num_steps, sample.guidance_scale,
-            sample.eta, sample.negative_prompt, image_size(sample), None if x_T is None else x_T[chunk],
+            sample.eta if eta is None else eta, sample.negative_prompt, image_size(sample),
+            None if x_T is None else x_T[chunk],
         )  # fmt: skip
         total, components = reward.score(traj.images, chunk_prompts)
         embeds.append(e)
