@@ -166,6 +166,7 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline:
         text_encoder_2=_t5(32),
         tokenizer_2=t5_tokenizer(),
     )
+    pipe.default_sample_size = 16  # FluxPipeline hard-codes 128 (1024 px); ours is made for 32 px
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -116,7 +116,7 @@ def run(args) -> int:
     if args.lora:
         _load_lora(backbone, args.lora, config.model.pretrained)
     sampler = build_sampler(backbone, s)
-    if s.num_steps < 10 and backbone.scheduler.config.get("timestep_spacing", "leading") == "leading":
+    if s.num_steps < 10 and backbone.scheduler.config.get("timestep_spacing") == "leading":  # (not flow)
         print(  # leading spacing puts the last of few steps near t=1: the image is mostly noise
             f"diffusion-align sample: warning: {s.num_steps} steps with this model's 'leading' timestep "
             "spacing give noisy images; use 10 or more steps, or `diffusion-align reno` (trailing spacing)",

@@ -39,10 +39,6 @@ class FluxBackbone(SD3Backbone):
         names = ("transformer", "vae", "text_encoder", "text_encoder_2")
         return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
 
-    def default_size(self) -> tuple[int, int]:
-        side = 128 * self.vae_scale_factor  # FluxPipeline.default_sample_size (1024 px with the 8x VAE)
-        return side, side
-
     # --- text ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(

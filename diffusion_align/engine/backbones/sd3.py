@@ -44,6 +44,11 @@ class SD3Backbone(StableDiffusionBackbone):
         for module in self.frozen_modules():
             module.requires_grad_(False)
 
+    def default_size(self) -> tuple[int, int]:
+        """The pipeline's own default (its `default_sample_size` latents: 1024 px for SD3 and FLUX)."""
+        side = self.pipe.default_sample_size * self.vae_scale_factor
+        return side, side
+
     def frozen_modules(self) -> list[torch.nn.Module]:
         names = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
         return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
