@@ -172,3 +172,21 @@ def test_sample_command_gives_the_pipeline_image(name, tmp_path, capsys):
     ).images[0]
     assert ours.shape == (32, 32, 3)
     assert np.abs(ours - np.asarray(theirs, "float32")).max() <= 1
+
+
+def test_encode_normalises_latents_with_the_vae_shift_and_scale():
+    """SD3/FLUX latents are (z - shift_factor) * scaling_factor (diffusers' SD3/FLUX training scripts)."""
+    pipe = tiny_sd3()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    ours = SD3Backbone(pipe).encode(images, torch.Generator().manual_seed(4))
+    z = pipe.vae.encode(images * 2 - 1).latent_dist.sample(torch.Generator().manual_seed(4))
+    assert torch.allclose(ours, (z - 0.0609) * 1.5305, atol=1e-6)
+
+
+def test_lora_of_sd3_sampled_on_flux_is_a_one_line_error(tmp_path, capsys):
+    policy = Policy(load_backbone("tiny-sd3", device="cpu"), None, rank=2)
+    policy.save_lora(tmp_path / "lora")  # no base_model.json: judged by the transformer's shapes
+    argv = ["--model", "tiny-flux", "--prompt", "a", "--num-steps", "1", "--lora", str(tmp_path / "lora")]
+    assert main(["sample", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "does not fit tiny-flux" in err
