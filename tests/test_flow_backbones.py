@@ -11,6 +11,7 @@ from PIL import Image
 
 from diffusion_align.cli import main
 from diffusion_align.engine.backbones import FluxBackbone, SD3Backbone, load_backbone
+from diffusion_align.engine.few_step import draw_noise, make_generator
 from diffusion_align.engine.policy import Policy
 from diffusion_align.engine.rollout import rollout
 from diffusion_align.errors import UserError
@@ -190,3 +191,22 @@ def test_lora_of_sd3_sampled_on_flux_is_a_one_line_error(tmp_path, capsys):
     assert main(["sample", *argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "does not fit tiny-flux" in err
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_noise_to_image_is_the_pipeline_with_those_latents(name):
+    """ReNO and the search baselines on a flow model: z -> image through the flow ODE on the pipeline's
+    schedule (FLUX: its sigmas and mu), differentiable in z, equal to `pipe(latents=z)`."""
+    backbone = load_backbone(name, device="cpu")
+    guidance = 4.5 if name == "tiny-sd3" else 3.5
+    z = draw_noise(backbone, [0, 1]).requires_grad_(True)
+    embeds = backbone.encode_prompts(PROMPTS, guidance=guidance > 1)
+    ours = make_generator(backbone, 2, guidance)(z, embeds, [0, 1])
+    ours.mean().backward()
+    assert z.grad.abs().sum() > 0
+    latents = z.detach()
+    if name == "tiny-flux":  # the pipeline takes user latents packed
+        latents = backbone.pipe._pack_latents(latents, 2, 4, 16, 16)
+    pipe = backbone.pipe
+    theirs = pipe(PROMPTS, num_inference_steps=2, guidance_scale=guidance, latents=latents, output_type="pt")
+    assert (ours.detach() - theirs.images).abs().max() <= TOLERANCE

@@ -129,7 +129,7 @@ def reno(
     require_differentiable(reward)
     if iterations < 1:
         raise UserError(f"iterations must be at least 1, got {iterations}")
-    generate = make_generator(backbone, num_steps, guidance_scale, scheduler, checkpoint)
+    generate = make_generator(backbone, num_steps, guidance_scale, scheduler, checkpoint, size=size)
     embeds = backbone.encode_prompts([prompt], negative_prompt, guidance=guidance_scale > 1, size=size)
     z = torch.nn.Parameter(draw_noise(backbone, [seed], size))
     opt = _optimizer(optimizer, [z], lr, momentum)
@@ -187,7 +187,7 @@ def reno(
 @torch.no_grad()
 def regenerate(backbone, reward, prompt, z, seed, num_steps, guidance_scale, scheduler, negative, size):
     """The noise z through a multi-step model; returns ((3, H, W) image, {name: score, "total": total})."""
-    generate = make_generator(backbone, num_steps, guidance_scale, scheduler)
+    generate = make_generator(backbone, num_steps, guidance_scale, scheduler, size=size)
     embeds = backbone.encode_prompts([prompt], negative, guidance=guidance_scale > 1, size=size)
     image = generate(z.to(backbone.device), embeds, [seed])
     total, parts = reward.score(image, [prompt])

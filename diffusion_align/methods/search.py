@@ -57,7 +57,7 @@ def best_of_n(
 ) -> SearchResult:
     """The best of `n` samples of `backbone` for `prompt` under the weighted `reward` (any reward works)."""
     reward = reno_reward(reward, weights)
-    generate = make_generator(backbone, num_steps, guidance_scale, scheduler)
+    generate = make_generator(backbone, num_steps, guidance_scale, scheduler, size=size)
     embeds = backbone.encode_prompts([prompt], negative_prompt, guidance=guidance_scale > 1, size=size)
     totals, best = [], (-float("inf"), None, None, None)
     for start in tqdm(range(0, n, batch_size), desc="best-of-n", disable=not progress):
@@ -180,7 +180,7 @@ def fk_steering(
         final = (r, images)
         return prev
 
-    generate = NoiseToImage(backbone, make_sampler(backbone, "auto", eta), num_steps, guidance_scale)
+    generate = NoiseToImage(backbone, make_sampler(backbone, "auto", eta, size), num_steps, guidance_scale)
     generate.run(
         draw_noise(backbone, seeds, size),
         embeds.repeat_interleave(k),
