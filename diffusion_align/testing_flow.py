@@ -108,7 +108,8 @@ def _flow_vae(latent_channels: int, shift_factor: float, scaling_factor: float) 
 
 
 def tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
-    """A seeded SD3-shaped pipeline: MMDiT of 2 joint blocks, 32x32 images, 16x16x4 latents, T5 included."""
+    """A seeded SD3.5-shaped pipeline: MMDiT-X of 2 joint blocks (the first with dual attention), 32x32
+    images, 16x16x4 latents, two CLIPs and T5."""
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=16,
@@ -122,6 +123,8 @@ def tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
         caption_projection_dim=16,
         pooled_projection_dim=32,  # two CLIP projections of 16
         pos_embed_max_size=16,
+        qk_norm="rms_norm",  # SD3.5's additions: RMS-normed q/k and a second (self-)attention in
+        dual_attention_layers=(0,),  # the first blocks (MMDiT-X)
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,

@@ -23,6 +23,15 @@ BUILDERS = {"tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux}
 TOLERANCE = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # many small ops (as in test_video.py): on a shared 2-core machine two OpenMP threads stall each other
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _generators():
     return [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
 
@@ -210,3 +219,12 @@ def test_noise_to_image_is_the_pipeline_with_those_latents(name):
     pipe = backbone.pipe
     theirs = pipe(PROMPTS, num_inference_steps=2, guidance_scale=guidance, latents=latents, output_type="pt")
     assert (ours.detach() - theirs.images).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_loads_from_a_pipeline_folder(name, tmp_path):
+    BUILDERS[name]().save_pretrained(tmp_path / "model")
+    backbone = load_backbone(str(tmp_path / "model"), device="cpu")
+    assert type(backbone) is {"tiny-sd3": SD3Backbone, "tiny-flux": FluxBackbone}[name]
+    ours = backbone.encode_prompts(PROMPTS, guidance=False).cond
+    assert torch.equal(ours, load_backbone(name, device="cpu").encode_prompts(PROMPTS, guidance=False).cond)
