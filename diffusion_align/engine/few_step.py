@@ -1,7 +1,6 @@
 """Noise -> image maps with gradient to the initial noise, for ReNO and inference-time search.
 
-`NoiseToImage` runs the one loop (`rollout(..., grad_to_noise=True)`) with one of two samplers (flow
-models, SD3 and FLUX, with the flow sampler on their pipelines' schedules):
+`NoiseToImage` runs the one loop (`rollout(..., grad_to_noise=True)`) with one of two samplers:
 - `DDIMSampler` with **trailing** timestep spacing (`generation_scheduler`), so any backbone works even
   without a few-step scheduler: with the "leading" spacing that SD 1.x/2.x and the bundled model ship, one
   step is timestep 1 and two are [501, 1], so a sample from pure noise stays noise; trailing starts at
@@ -93,13 +92,17 @@ class NoiseToImage:
 
 def make_sampler(backbone, scheduler: str = "auto", eta: float = 0.0, size: tuple[int, int] | None = None):
     """The generation sampler for `backbone`: "auto" (the backbone's own scheduler: DDIM-like ones as
-    DDIM-eta with trailing spacing, flow models (SD3, FLUX) as the flow sampler on the pipeline's schedule
-    for images of `size`, others such as SD-Turbo's Euler ancestral stepped directly), "ddim" (always
-    DDIM-eta, trailing), "native" (the backbone's scheduler, its own spacing), or a few-step scheduler built
-    on the backbone's schedule: "euler_ancestral" (trailing), "euler" (trailing) or "lcm"."""
+    DDIM-eta with trailing spacing, others such as SD-Turbo's Euler ancestral stepped directly), "ddim"
+    (always DDIM-eta, trailing), "native" (the backbone's scheduler, its own spacing), or a few-step
+    scheduler built on the backbone's schedule: "euler_ancestral" (trailing), "euler" (trailing) or "lcm".
+    Flow models (SD3, FLUX: a backbone with a `schedule`) step their own flow schedule at `size`: the Euler
+    ODE (eta > 0: the flow SDE), as their pipelines and FLUX-schnell's few steps do."""
     own = backbone.scheduler
-    if hasattr(backbone, "schedule") and scheduler in ("auto", "native"):
-        # FLUX's schedule needs its sigmas and mu at every set_timesteps: only the flow sampler passes them
+    if hasattr(backbone, "schedule"):
+        if scheduler not in ("auto", "native"):
+            raise UserError(
+                f"scheduler {scheduler!r} is for DDPM-type models; flow models use their own (auto)"
+            )
         return FlowMatchSampler(own, eta, schedule=lambda num_steps: backbone.schedule(num_steps, size))
     if scheduler == "auto":
         scheduler = "ddim" if type(own).__name__ in DDIM_COMPATIBLE else "native"
@@ -125,8 +128,7 @@ def make_generator(
     eta: float = 0.0,
     size: tuple[int, int] | None = None,
 ) -> NoiseToImage:
-    """The noise -> image map for `backbone` with the sampler `make_sampler(backbone, scheduler, eta, size)`
-    (size: of the images, which a flow model's schedule depends on; None = the model's default)."""
+    """The noise -> image map for `backbone` through `make_sampler(backbone, scheduler, eta, size)`."""
     return NoiseToImage(
         backbone, make_sampler(backbone, scheduler, eta, size), num_steps, guidance_scale, checkpoint
     )

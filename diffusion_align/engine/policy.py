@@ -67,6 +67,21 @@ class Policy:
         return self.sampler.log_prob(x_prev, mean, std)
 
     @contextmanager
+    def weights(self, params: list[Tensor]):
+        """Run with the LoRA weights `params` (a snapshot of `parameters()`, e.g. an old policy) inside the
+        block; the current weights come back after it. No graph may hold the weights across the swap."""
+        current = [p.detach().clone() for p in self.parameters()]
+        try:
+            with torch.no_grad():
+                for p, o in zip(self.parameters(), params, strict=True):
+                    p.copy_(o)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, c in zip(self.parameters(), current, strict=True):
+                    p.copy_(c)
+
+    @contextmanager
     def reference(self):
         """Run the frozen base model (adapter disabled) inside the block."""
         unet = self.backbone.unet

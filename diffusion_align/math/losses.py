@@ -149,3 +149,30 @@ def sample_truncation(
     raise ValueError(
         f"truncation {kind} (mean={mean}, std={std}, low={low}, high={high}) never lands in [1, {num_steps})"
     )
+
+
+def nft_reward_weight(advantages: Tensor, adv_clip_max: float) -> Tensor:
+    """DiffusionNFT's optimality probability r in [0, 1]: clip(A, +-A_max) / A_max / 2 + 1/2."""
+    return (advantages.clamp(-adv_clip_max, adv_clip_max) / adv_clip_max / 2 + 0.5).clamp(0, 1)
+
+
+def nft_loss(v: Tensor, v_old: Tensor, x_t: Tensor, x0: Tensor, t: Tensor, r: Tensor, beta: float) -> Tensor:
+    """DiffusionNFT's forward-process loss per sample (NVlabs `train_nft_sd3.py`), before the A_max scale.
+
+    v: the trained velocity (with gradient); v_old: the old policy's (detached); x_t = (1 - t) x0 + t noise;
+    t: (B,) in [0, 1]; r: (B,) from `nft_reward_weight`. Implicit policies v+ = beta v + (1 - beta) v_old and
+    v- = (1 + beta) v_old - beta v; their x0 predictions x_t - t v+- are pulled to x0, each squared error
+    divided by its own detached mean absolute error (adaptive weighting, floored at 1e-5):
+    (r |x0+ - x0|^2 / w+ + (1 - r) |x0- - x0|^2 / w-) / beta, means over the latent dims. Returns (B,).
+    """
+    dims = tuple(range(1, x0.ndim))
+    t = t.view(-1, *([1] * (x0.ndim - 1)))
+    v_old = v_old.detach()
+    losses = []
+    for implicit in (beta * v + (1 - beta) * v_old, (1 + beta) * v_old - beta * v):
+        x0_hat = x_t - t * implicit
+        with torch.no_grad():
+            weight = (x0_hat.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clamp(min=1e-5)
+        losses.append(((x0_hat - x0) ** 2 / weight).mean(dim=dims))
+    positive, negative = losses
+    return (r * positive + (1 - r) * negative) / beta

@@ -50,6 +50,10 @@ STRATEGIES: dict[str, tuple[str, str]] = {
         "diffusion_align.methods.strategies.ddpo:FlowGRPOConfig",
         "diffusion_align.methods.strategies.ddpo:DDPO",
     ),
+    "diffusion_nft": (
+        "diffusion_align.methods.strategies.nft:NFTConfig",
+        "diffusion_align.methods.strategies.nft:NFT",
+    ),
     "d3po": (
         "diffusion_align.methods.strategies.d3po:D3POConfig",
         "diffusion_align.methods.strategies.d3po:D3PO",

@@ -158,17 +158,11 @@ class PRDP:
     @torch.no_grad()
     def _old_log_probs(self, old_params, steps, embeds) -> Tensor:
         """(B, len(steps)) log-probs under the snapshot: swapped in once for every step, then swapped back."""
-        params, s = self.policy.parameters(), self.sample
-        current = [p.detach().clone() for p in params]
-        try:
-            for p, o in zip(params, old_params, strict=True):
-                p.copy_(o)
+        s = self.sample
+        with self.policy.weights(old_params):
             return torch.stack(
                 [self.policy.log_prob(*step, embeds, s.guidance_scale, s.num_steps) for step in steps], 1
             )
-        finally:
-            for p, c in zip(params, current, strict=True):
-                p.copy_(c)
 
     def state_dict(self) -> dict:
         return {}  # the old policy lives in each batch, and checkpoints fall between batches
