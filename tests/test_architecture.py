@@ -32,6 +32,7 @@ SUPPORT = (
     "diffusion_align.bundled",
     "diffusion_align.testing",
     "diffusion_align.testing_video",
+    "diffusion_align.testing_flow",
 )
 
 

@@ -90,7 +90,7 @@ def _load_lora(backbone, directory: str, model: str) -> None:
     from diffusion_align.engine.lora_files import check_lora_fits
 
     path = Path(directory)
-    check_lora_fits(path, backbone.unet, model)
+    check_lora_fits(path, backbone.unet, model, prefix=f"{backbone.lora_prefix}.")
     if getattr(backbone, "is_video", False):
         backbone.load_lora(str(path))  # TextToVideoSD's UNet3D has no diffusers LoRA loader
     else:
@@ -116,7 +116,7 @@ def run(args) -> int:
     if args.lora:
         _load_lora(backbone, args.lora, config.model.pretrained)
     sampler = build_sampler(backbone, s)
-    if s.num_steps < 10 and backbone.scheduler.config.get("timestep_spacing", "leading") == "leading":
+    if s.num_steps < 10 and backbone.scheduler.config.get("timestep_spacing") == "leading":  # (not flow)
         print(  # leading spacing puts the last of few steps near t=1: the image is mostly noise
             f"diffusion-align sample: warning: {s.num_steps} steps with this model's 'leading' timestep "
             "spacing give noisy images; use 10 or more steps, or `diffusion-align reno` (trailing spacing)",

@@ -15,6 +15,7 @@ from diffusion_align.config.settings import (
 from diffusion_align.engine.backbones import load_backbone
 from diffusion_align.engine.policy import Policy
 from diffusion_align.errors import UserError
+from diffusion_align.math.flow_samplers import FlowMatchSampler
 from diffusion_align.math.samplers import DDIMSampler
 from rewards.combine import Combined
 
@@ -40,8 +41,15 @@ def build_backbone(model: ModelSettings):
     return backbone
 
 
-def build_sampler(backbone, sample: SampleSettings) -> DDIMSampler:
+def build_sampler(backbone, sample: SampleSettings) -> DDIMSampler | FlowMatchSampler:
+    """DDIM-eta for SD/SDXL/video; for flow backbones (those with a `schedule`: SD3, FLUX) the flow sampler
+    with `sample.eta` as its noise level (0 = the pipelines' Euler ODE) on the pipeline's schedule at the
+    sampled size."""
     check_num_steps(sample.num_steps, backbone.scheduler)
+    if hasattr(backbone, "schedule"):
+        size = (sample.height, sample.width) if sample.height and sample.width else None
+        schedule = lambda num_steps: backbone.schedule(num_steps, size)  # noqa: E731
+        return FlowMatchSampler(backbone.scheduler, noise_level=sample.eta, schedule=schedule)
     return DDIMSampler.from_scheduler(backbone.scheduler, eta=sample.eta)
 
 

@@ -54,20 +54,20 @@ def _module_size(module, side: str) -> int | None:
     return None
 
 
-def _mismatch(directory: Path, unet) -> str | None:
+def _mismatch(directory: Path, unet, prefix: str = "unet.") -> str | None:
     """The first LoRA tensor that does not fit `unet`, as a short reason; None when all fit."""
     from safetensors import safe_open
 
     modules = dict(unet.named_modules())
     with safe_open(str(directory / WEIGHTS), framework="pt") as f:
         for key in f.keys():
-            if not key.startswith("unet."):
+            if not key.startswith(prefix):
                 continue  # text-encoder LoRAs are not ours to judge
             match = next(((suffix, side) for suffix, side in _SUFFIXES if key.endswith(suffix)), None)
             if match is None:
                 continue
             suffix, side = match
-            path = key[len("unet.") : -len(suffix)]
+            path = key[len(prefix) : -len(suffix)]
             if path not in modules:
                 return f"it adapts {path}, which this UNet does not have"
             shape = f.get_slice(key).get_shape()
@@ -78,9 +78,11 @@ def _mismatch(directory: Path, unet) -> str | None:
     return None
 
 
-def check_lora_fits(directory: str | Path, unet, model: str | None, flag: str = "--lora") -> None:
+def check_lora_fits(
+    directory: str | Path, unet, model: str | None, flag: str = "--lora", prefix: str = "unet."
+) -> None:
     """One-line UserError unless the LoRA in `directory` was made for `model` (None: not checked by name)
-    and fits `unet`."""
+    and fits `unet` (the denoiser, whose keys in the file start with `prefix`: "transformer." for DiTs)."""
     directory = Path(directory)
     if not (directory / WEIGHTS).is_file():
         raise UserError(f"{flag} {directory}: no {WEIGHTS} there (pass a run's lora/ folder)")
@@ -90,7 +92,7 @@ def check_lora_fits(directory: str | Path, unet, model: str | None, flag: str = 
             f"{flag} {directory} was trained on {base}, not on {model}: use --model {base} (or "
             f"model.pretrained), or a LoRA trained on {model}; if both name one model, edit {BASE_FILE}"
         )
-    reason = _mismatch(directory, unet)
+    reason = _mismatch(directory, unet, prefix)
     if reason:
         trained_on = base or "another model (no base_model.json recorded)"
         raise UserError(

@@ -96,6 +96,10 @@ class Policy:
         from diffusers.utils import convert_state_dict_to_diffusers
 
         state = get_peft_model_state_dict(self.backbone.unet, adapter_name=ADAPTER)
+        if self.backbone.lora_prefix != "unet":
+            # transformer loaders (SD3, FLUX) read peft's lora_A/lora_B names, as diffusers' DiT scripts save
+            # them; converting would rename only the to_q/k/v/out keys, which SD3's loader then drops
+            return state
         return convert_state_dict_to_diffusers(state)
 
     def save_lora(
@@ -104,12 +108,17 @@ class Policy:
         """Write `pytorch_lora_weights.safetensors` (loadable with `pipe.load_lora_weights(directory)`), and
         `base_model.json` naming `base_model` so that loading onto another model fails clearly."""
         directory = Path(directory)
+        prefix = self.backbone.lora_prefix  # "unet", or "transformer" for DiT families
         type(self.backbone.pipe).save_lora_weights(
             directory,
-            unet_lora_layers={k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict().items()},
             is_main_process=is_main_process,
             safe_serialization=True,
-            unet_lora_adapter_metadata=self.lora_config.to_dict(),
+            **{
+                f"{prefix}_lora_layers": {
+                    k: v.detach().cpu().contiguous() for k, v in self.lora_state_dict().items()
+                },
+                f"{prefix}_lora_adapter_metadata": self.lora_config.to_dict(),
+            },
         )
         if base_model is not None and is_main_process:
             record_base(directory, base_model)
@@ -125,9 +134,11 @@ class Policy:
             raise UserError(
                 f"no LoRA at {directory}: expected {directory / 'pytorch_lora_weights.safetensors'}"
             )
-        check_lora_fits(directory, self.backbone.unet, model, flag="LoRA")
-        state, _ = type(self.backbone.pipe).lora_state_dict(str(directory))
-        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        prefix = f"{self.backbone.lora_prefix}."
+        check_lora_fits(directory, self.backbone.unet, model, flag="LoRA", prefix=prefix)
+        state = type(self.backbone.pipe).lora_state_dict(str(directory))
+        state = state[0] if isinstance(state, tuple) else state  # SD's loader adds network alphas
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         result = set_peft_model_state_dict(
             self.backbone.unet, convert_unet_state_dict_to_peft(state), adapter_name=ADAPTER
         )

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from diffusion_align.engine.backbones.flux import FluxBackbone
+from diffusion_align.engine.backbones.sd3 import SD3Backbone
 from diffusion_align.engine.backbones.stable_diffusion import PromptEmbeds, StableDiffusionBackbone
 from diffusion_align.engine.backbones.video import VideoBackbone
 from diffusion_align.errors import UserError
@@ -20,12 +22,16 @@ SUPPORTED_PIPELINES = {
     "LatentConsistencyModelPipeline": StableDiffusionBackbone,
     "AnimateDiffPipeline": VideoBackbone,
     "TextToVideoSDPipeline": VideoBackbone,
+    "StableDiffusion3Pipeline": SD3Backbone,
+    "FluxPipeline": FluxBackbone,
 }
 
 __all__ = [
     "PromptEmbeds",
     "StableDiffusionBackbone",
     "VideoBackbone",
+    "SD3Backbone",
+    "FluxBackbone",
     "load_backbone",
     "resolve_device",
     "DTYPES",
@@ -41,9 +47,10 @@ def resolve_device(device: str) -> torch.device:
 def _builtin_pipeline(name: str, dtype):
     from diffusion_align.bundled import BUNDLED
     from diffusion_align.testing import TINY_PIPELINES
+    from diffusion_align.testing_flow import TINY_FLOW_PIPELINES
     from diffusion_align.testing_video import TINY_VIDEO_PIPELINES
 
-    tiny = {**TINY_PIPELINES, **TINY_VIDEO_PIPELINES}
+    tiny = {**TINY_PIPELINES, **TINY_VIDEO_PIPELINES, **TINY_FLOW_PIPELINES}
     if name in tiny:
         return tiny[name]()
     if name in BUNDLED:
@@ -65,7 +72,7 @@ def _missing_model_message(pretrained: str, error: Exception) -> str:
         f"Hugging Face hub or its cache under HF_HOME={hub_home}{offline} [{reason}]. Pass a local diffusers "
         "folder (model.pretrained=/path/to/pipeline with model_index.json), download it first with "
         "`huggingface-cli download ID`, or use a built-in model: tiny-sd, tiny-sdxl, tiny-animatediff, "
-        "tiny-t2v, shapes"
+        "tiny-t2v, tiny-sd3, tiny-flux, shapes"
     )
 
 

@@ -20,6 +20,7 @@ class Backbone(Protocol):
     unet: torch.nn.Module  # the denoiser LoRA is attached to (a transformer for DiT families)
     scheduler: object  # the pipeline's diffusers scheduler: the noise schedule samplers are built on
     lora_targets: tuple[str, ...]  # default LoRA target modules of the denoiser (config may override)
+    lora_prefix: str  # the denoiser's name in diffusers LoRA files: "unet", or "transformer" for DiTs
     device: torch.device
     dtype: torch.dtype
 

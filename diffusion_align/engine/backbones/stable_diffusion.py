@@ -66,6 +66,7 @@ class StableDiffusionBackbone:
     """The `backbones.protocol.Backbone` of SD 1.x/2.x, SDXL and LCM pipelines (and, inherited, video)."""
 
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (diffusers scripts, DDPO)
+    lora_prefix = "unet"  # the denoiser's name in diffusers LoRA files and `save_lora_weights` keywords
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -141,10 +142,12 @@ class StableDiffusionBackbone:
 
     # --- pixels <-> latents -------------------------------------------------------------------------
     def _latent_stats(self, latents: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """(mean, std) the VAE's latents are normalised by before scaling: per-channel stats where the config
+        has them, SD3/FLUX's scalar `shift_factor` (std 1), else none (SD: (0, 1))."""
         config = self.vae.config
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         if mean is None or std is None:
-            return 0.0, 1.0
+            return getattr(config, "shift_factor", None) or 0.0, 1.0
         shape = (1, -1, 1, 1)
         return torch.tensor(mean).view(shape).to(latents), torch.tensor(std).view(shape).to(latents)
 
