@@ -131,3 +131,17 @@ def test_forward_noising_is_the_flow_interpolation():
 def test_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="sde, dance, cps"):
         FlowMatchSampler(FlowMatchEulerDiscreteScheduler(**SD3_CONFIG), 0.7, "ddim")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_ode_step_rounds_as_diffusers_in_half_precision(dtype):
+    """The pipelines' half-precision images are reproduced only if dt * v is taken in the model's dtype."""
+    reference = FlowMatchEulerDiscreteScheduler(**SD3_CONFIG)
+    reference.set_timesteps(4)
+    sampler = FlowMatchSampler(FlowMatchEulerDiscreteScheduler(**SD3_CONFIG))
+    sampler.timesteps(4)
+    x, v = (a.to(dtype) for a in _draws(6))
+    t = reference.timesteps[1]
+    reference._step_index = 1
+    expected = reference.step(v, t, x, return_dict=False)[0]
+    assert torch.equal(sampler.step(v, t, x, 4).prev, expected)

@@ -90,11 +90,11 @@ class FlowMatchSampler:
 
     def _transition(self, v: Tensor, t, x: Tensor, num_steps: int, a: float) -> tuple[Tensor, Tensor, Tensor]:
         sigma, sigma_next, sigma_max = self.sigmas(t, num_steps, x)
-        x, v = x.float(), v.float()
         dt = sigma_next - sigma
+        if a <= 0:  # the ODE, as FlowMatchEulerDiscreteScheduler.step rounds it: dt * v in the model's dtype
+            return x.float() + dt.to(v.dtype) * v, torch.zeros_like(sigma), x.float() - sigma * v.float()
+        x, v = x.float(), v.float()
         x0 = x - sigma * v
-        if a <= 0:  # the ODE: Euler exactly as FlowMatchEulerDiscreteScheduler.step
-            return x + dt * v, torch.zeros_like(sigma), x0
         if self.kind == "sde":
             s = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * a
             mean = x * (1 + s**2 / (2 * sigma) * dt) + v * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
