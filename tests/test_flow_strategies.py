@@ -158,3 +158,9 @@ def test_reno_and_search_generate_as_the_flow_pipeline_does():
     assert (ours - expected).abs().max() <= 1e-4
     result = best_of_n(backbone, soft(), PROMPTS[0], 2, num_steps=2, seed=3, progress=False)
     assert result.reward_calls == 2 and result.best_seed in (3, 4)
+
+
+@pytest.mark.parametrize("form", ["sde", "dance", "cps"])
+def test_the_configured_sde_form_reaches_the_flow_sampler(form):
+    sampler = build_sampler(load_backbone("tiny-sd3"), SampleSettings(num_steps=4, eta=0.5, sde=form))
+    assert (sampler.kind, sampler.eta) == (form, 0.5)

@@ -49,7 +49,7 @@ def build_sampler(backbone, sample: SampleSettings) -> DDIMSampler | FlowMatchSa
     if hasattr(backbone, "schedule"):
         size = (sample.height, sample.width) if sample.height and sample.width else None
         schedule = lambda num_steps: backbone.schedule(num_steps, size)  # noqa: E731
-        return FlowMatchSampler(backbone.scheduler, noise_level=sample.eta, schedule=schedule)
+        return FlowMatchSampler(backbone.scheduler, sample.eta, sample.sde, schedule=schedule)
     return DDIMSampler.from_scheduler(backbone.scheduler, eta=sample.eta)
 
 

@@ -37,8 +37,11 @@ class ModelSettings:
 
 @dataclass
 class SampleSettings:
-    num_steps: int = 50  # DDIM steps (DDPO/AlignProp papers: 50)
-    eta: float = 1.0  # DDIM eta; 1.0 = DDPM-like; policy-gradient methods need eta > 0
+    num_steps: int = 50  # denoising steps (DDPO/AlignProp papers: 50 DDIM steps; Flow-GRPO: 10)
+    # DDIM eta (1.0 = DDPM-like), or a flow model's noise level a (0 = the ODE; Flow-GRPO 0.7, DanceGRPO 0.3,
+    # CPS 0.8); policy-gradient methods need eta > 0
+    eta: float = 1.0
+    sde: Literal["sde", "dance", "cps"] = "sde"  # flow models: Flow-GRPO's SDE step, DanceGRPO's, or CPS
     guidance_scale: float = 5.0  # classifier-free guidance (DDPO: 5.0); <= 1 disables it
     negative_prompt: str | None = None  # None = the pipeline default ("" for SD, zeros for SDXL)
     height: int | None = None  # None = the model's native size
