@@ -30,7 +30,8 @@ from diffusion_align.testing_flow import tiny_sd3  # noqa: E402
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json
 SD35M = dict(
     sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+    pooled_projection_dim=2048, out_channels=16,
     pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
 )  # fmt: skip
 
