@@ -228,3 +228,33 @@ def test_loads_from_a_pipeline_folder(name, tmp_path):
     assert type(backbone) is {"tiny-sd3": SD3Backbone, "tiny-flux": FluxBackbone}[name]
     ours = backbone.encode_prompts(PROMPTS, guidance=False).cond
     assert torch.equal(ours, load_backbone(name, device="cpu").encode_prompts(PROMPTS, guidance=False).cond)
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-sd"])
+def test_offloaded_text_encoders_encode_the_same_and_stay_on_the_cpu(name):
+    from diffusion_align.config.registry import build_backbone
+    from diffusion_align.config.settings import ModelSettings
+
+    plain = build_backbone(ModelSettings(pretrained=name))
+    offloaded = build_backbone(ModelSettings(pretrained=name, offload_text_encoders=True))
+    prompt = ["two small red circles on the left on a black background"]
+    guidance = name != "tiny-flux"
+    a, b = (
+        plain.encode_prompts(prompt, guidance=guidance),
+        offloaded.encode_prompts(prompt, guidance=guidance),
+    )
+    assert torch.equal(a.cond, b.cond)
+    assert offloaded.offload_text_encoders and offloaded.text_encoders()
+    assert all(p.device.type == "cpu" for m in offloaded.text_encoders() for p in m.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the encoders must leave its memory")
+def test_offloaded_text_encoders_visit_the_gpu_only_while_encoding():
+    from diffusion_align.config.registry import build_backbone
+    from diffusion_align.config.settings import ModelSettings
+
+    backbone = build_backbone(ModelSettings(pretrained="tiny-sd3", device="cuda", offload_text_encoders=True))
+    assert all(p.device.type == "cpu" for m in backbone.text_encoders() for p in m.parameters())
+    embeds = backbone.encode_prompts(["a red circle"])
+    assert embeds.cond.device.type == "cuda"
+    assert all(p.device.type == "cpu" for m in backbone.text_encoders() for p in m.parameters())

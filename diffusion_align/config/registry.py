@@ -37,6 +37,7 @@ def build_backbone(model: ModelSettings):
         vae_slicing=model.vae_slicing,
         vae_tiling=model.vae_tiling,
         attention=model.attention,
+        offload_text_encoders=model.offload_text_encoders,
     )
     return backbone
 

@@ -27,6 +27,8 @@ class ModelSettings:
     vae_slicing: bool = False  # decode one image at a time
     vae_tiling: bool = False  # decode in tiles (large resolutions)
     attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers needs the [xformers] extra
+    # keep the text encoders on the CPU, on the model's device only while encoding (T5-XXL of SD3/FLUX: 9 GB)
+    offload_text_encoders: bool = False
     num_frames: int | None = (
         None  # video models: clip length (None = the pipeline's default, 16 for AnimateDiff)
     )

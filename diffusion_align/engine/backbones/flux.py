@@ -18,7 +18,7 @@ from diffusers import FluxPipeline
 from torch import Tensor
 
 from diffusion_align.engine.backbones.sd3 import SD3Backbone
-from diffusion_align.engine.backbones.stable_diffusion import PromptEmbeds
+from diffusion_align.engine.backbones.stable_diffusion import PromptEmbeds, text_encoders_on_device
 from diffusion_align.errors import UserError
 
 
@@ -41,6 +41,7 @@ class FluxBackbone(SD3Backbone):
 
     # --- text ---------------------------------------------------------------------------------------
     @torch.no_grad()
+    @text_encoders_on_device
     def encode_prompts(
         self, prompts: list[str], negative_prompt: str | None = None, guidance: bool = True, size=None
     ) -> PromptEmbeds:

@@ -51,5 +51,6 @@ class Backbone(Protocol):
         """Every module of the base model (kept frozen; LoRA adds the trainable weights)."""
 
     def enable_memory_options(self, gradient_checkpointing=False, vae_slicing=False, vae_tiling=False,
-                              attention="sdpa") -> None:  # fmt: skip
-        """Trade compute for memory (activation checkpointing, sliced/tiled VAE, attention kernel)."""
+                              attention="sdpa", offload_text_encoders=False) -> None:  # fmt: skip
+        """Trade compute for memory (activation checkpointing, sliced/tiled VAE, attention kernel, text
+        encoders kept on the CPU between prompt encodings)."""

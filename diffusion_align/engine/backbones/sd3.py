@@ -13,7 +13,11 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import Tensor
 
-from diffusion_align.engine.backbones.stable_diffusion import PromptEmbeds, StableDiffusionBackbone
+from diffusion_align.engine.backbones.stable_diffusion import (
+    PromptEmbeds,
+    StableDiffusionBackbone,
+    text_encoders_on_device,
+)
 
 
 class SD3Backbone(StableDiffusionBackbone):
@@ -55,6 +59,7 @@ class SD3Backbone(StableDiffusionBackbone):
 
     # --- text ---------------------------------------------------------------------------------------
     @torch.no_grad()
+    @text_encoders_on_device
     def encode_prompts(
         self, prompts: list[str], negative_prompt: str | None = None, guidance: bool = True, size=None
     ) -> PromptEmbeds:

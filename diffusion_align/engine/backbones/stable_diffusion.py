@@ -6,6 +6,8 @@ one denoising loop (rollout.py) owns sampling and diffusers upgrades cannot sile
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -62,6 +64,22 @@ class PromptEmbeds:
         )
 
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def text_encoders_on_device(encode_prompts):
+    """Wraps a backbone's `encode_prompts`: with `offload_text_encoders` set, the text encoders live on the
+    CPU and visit the model's device only while they encode (T5-XXL, 9 GB in fp16, is then out of training
+    memory at the cost of one transfer each way per call)."""
+
+    @functools.wraps(encode_prompts)
+    def wrapper(self, *args, **kwargs):
+        with self.text_encoders_ready():
+            return encode_prompts(self, *args, **kwargs)
+
+    return wrapper
+
+
 class StableDiffusionBackbone:
     """The `backbones.protocol.Backbone` of SD 1.x/2.x, SDXL and LCM pipelines (and, inherited, video)."""
 
@@ -101,7 +119,26 @@ class StableDiffusionBackbone:
         return self
 
     # --- text ---------------------------------------------------------------------------------------
+    offload_text_encoders = False  # set by enable_memory_options
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [m for n in TEXT_ENCODERS if (m := getattr(self.pipe, n, None)) is not None]
+
+    @contextmanager
+    def text_encoders_ready(self):
+        if not self.offload_text_encoders:
+            yield
+            return
+        for module in self.text_encoders():
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in self.text_encoders():
+                module.to("cpu")
+
     @torch.no_grad()
+    @text_encoders_on_device
     def encode_prompts(
         self, prompts: list[str], negative_prompt: str | None = None, guidance: bool = True, size=None
     ) -> PromptEmbeds:
@@ -195,8 +232,17 @@ class StableDiffusionBackbone:
 
     # --- memory -------------------------------------------------------------------------------------
     def enable_memory_options(
-        self, gradient_checkpointing=False, vae_slicing=False, vae_tiling=False, attention="sdpa"
+        self,
+        gradient_checkpointing=False,
+        vae_slicing=False,
+        vae_tiling=False,
+        attention="sdpa",
+        offload_text_encoders=False,
     ) -> None:
+        if offload_text_encoders:
+            self.offload_text_encoders = True
+            for module in self.text_encoders():
+                module.to("cpu")
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if vae_slicing:

@@ -127,14 +127,21 @@ class VideoBackbone(StableDiffusionBackbone):
 
     # --- memory -------------------------------------------------------------------------------------
     def enable_memory_options(
-        self, gradient_checkpointing=False, vae_slicing=False, vae_tiling=False, attention="sdpa"
+        self,
+        gradient_checkpointing=False,
+        vae_slicing=False,
+        vae_tiling=False,
+        attention="sdpa",
+        offload_text_encoders=False,
     ) -> None:
         if gradient_checkpointing and not self.unet._supports_gradient_checkpointing:
             raise UserError(
                 f"model.gradient_checkpointing=true is not supported by {type(self.unet).__name__}; set it "
                 "to false and use the strategy's per-step checkpointing of the gradient window instead"
             )
-        super().enable_memory_options(gradient_checkpointing, vae_slicing, vae_tiling, attention)
+        super().enable_memory_options(
+            gradient_checkpointing, vae_slicing, vae_tiling, attention, offload_text_encoders
+        )
 
 
 def _module_name(lora_key: str) -> str:
