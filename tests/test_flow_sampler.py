@@ -10,17 +10,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffusion_align.math.flow_samplers import FlowMatchSampler
+from diffusion_align.testing_flow import FLUX_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG
 
-SD3_CONFIG = dict(num_train_timesteps=1000, shift=3.0)  # stabilityai/stable-diffusion-3-medium scheduler
-FLUX_CONFIG = dict(  # black-forest-labs/FLUX.1-dev scheduler
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-)
+SD3_CONFIG, FLUX_CONFIG = SD3_SCHEDULER_CONFIG, FLUX_SCHEDULER_CONFIG  # the real checkpoints' settings
 
 
 def flux_schedule(num_steps):  # what FluxPipeline passes for a 256-token image

@@ -35,10 +35,6 @@ class FluxBackbone(SD3Backbone):
     max_sequence_length = 512  # T5 tokens, the pipeline's default
     default_max_shift = 1.15  # the FLUX pipeline's fallback when the scheduler config has no max_shift
 
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        names = ("transformer", "vae", "text_encoder", "text_encoder_2")
-        return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
-
     # --- text ---------------------------------------------------------------------------------------
     @torch.no_grad()
     @text_encoders_on_device

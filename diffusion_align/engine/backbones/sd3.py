@@ -53,10 +53,6 @@ class SD3Backbone(StableDiffusionBackbone):
         side = self.pipe.default_sample_size * self.vae_scale_factor
         return side, side
 
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        names = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-        return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
-
     # --- text ---------------------------------------------------------------------------------------
     @torch.no_grad()
     @text_encoders_on_device

@@ -97,8 +97,8 @@ class StableDiffusionBackbone:
             module.requires_grad_(False)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
-        names = ("unet", "vae", "text_encoder", "text_encoder_2")
-        return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
+        """Every module the pipeline holds (denoiser, VAE, text encoders, AnimateDiff's motion adapter...)."""
+        return [m for m in self.pipe.components.values() if isinstance(m, torch.nn.Module)]
 
     @property
     def device(self) -> torch.device:

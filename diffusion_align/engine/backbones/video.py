@@ -45,11 +45,6 @@ class VideoBackbone(StableDiffusionBackbone):
         self.grad_decode_frames = grad_decode_frames
         self.frame_generator = torch.Generator().manual_seed(seed)  # draws of the grad-time frame subsets
 
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        # the MotionAdapter's weights were copied into the UNetMotionModel; the pipeline still holds it
-        adapter = getattr(self.pipe, "motion_adapter", None)
-        return super().frozen_modules() + ([adapter] if adapter is not None else [])
-
     # --- denoiser -----------------------------------------------------------------------------------
     def denoise(self, x: Tensor, t: Tensor, embeds: PromptEmbeds) -> Tensor:
         """One UNet call on x (B, C, T, h, w), no guidance (`predict`, inherited, adds it)."""
@@ -126,22 +121,13 @@ class VideoBackbone(StableDiffusionBackbone):
         ).load_lora(directory)
 
     # --- memory -------------------------------------------------------------------------------------
-    def enable_memory_options(
-        self,
-        gradient_checkpointing=False,
-        vae_slicing=False,
-        vae_tiling=False,
-        attention="sdpa",
-        offload_text_encoders=False,
-    ) -> None:
+    def enable_memory_options(self, gradient_checkpointing=False, **options) -> None:
         if gradient_checkpointing and not self.unet._supports_gradient_checkpointing:
             raise UserError(
                 f"model.gradient_checkpointing=true is not supported by {type(self.unet).__name__}; set it "
                 "to false and use the strategy's per-step checkpointing of the gradient window instead"
             )
-        super().enable_memory_options(
-            gradient_checkpointing, vae_slicing, vae_tiling, attention, offload_text_encoders
-        )
+        super().enable_memory_options(gradient_checkpointing, **options)
 
 
 def _module_name(lora_key: str) -> str:
