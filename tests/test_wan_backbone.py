@@ -259,3 +259,14 @@ def test_flow_grpo_ratio_is_exactly_one_on_policy_with_a_frame_lifted_reward():
     transformer = backbone.unet
     with_grad = {n for n, p in transformer.named_parameters() if p.grad is not None}
     assert with_grad and all("lora" in n for n in with_grad)
+
+
+def test_decoding_a_subset_of_latent_frames_is_not_exact():
+    """Why `decode` always decodes every frame: the causal VAE's later frames depend on earlier latents."""
+    backbone = WanBackbone(tiny_wan())
+    latents = 3 * torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = backbone.decode(latents)  # 5 frames: latent frame 0 -> frame 0, latent frame 1 -> frames 1-4
+        alone = backbone.decode(latents[:, :, 1:])  # latent frame 1 decoded as a first frame: 1 frame
+    assert full.shape[1] == FRAMES and alone.shape[1] == 1
+    assert (alone[:, 0] - full[:, 1]).abs().max() > 1e-4
