@@ -1,4 +1,4 @@
-"""Tiny real flow-matching pipelines (SD3 and FLUX.1), built offline from configs and seeded.
+"""Tiny real flow-matching pipelines (SD3, FLUX.1 and Wan 2.1 T2V), built offline from configs and seeded.
 
 Real diffusers/transformers classes with tiny widths, so the SD3/FLUX code paths a hub checkpoint takes (two
 CLIP encoders + T5 for SD3, CLIP + T5 for FLUX, packed latents, shifted flow schedules) run on a CPU in
@@ -10,7 +10,12 @@ Schedulers mirror the real configs: SD3/SD3.5 use a static shift of 3; FLUX.1-de
 (`use_dynamic_shifting`, base/max shift 0.5/1.15) and embeds the guidance scale. Widths are chosen so the
 pipelines' own reshapes are exact: SD3 pads the concatenated CLIP states (16 + 16) to the T5 width (32).
 
-Usable from configs: `model.pretrained: tiny-sd3` or `tiny-flux`.
+Wan 2.1 (`tiny-wan`): a UMT5 encoder on the same character tokenizer, a 3-D DiT of 2 blocks and a causal
+3-D VAE (factor 4 in time, 8 in space) with Wan's latents_mean/std; 5-frame 32x32 clips (2 x 4 x 4
+latents). Its scheduler is the Euler flow one with Wan 2.1's 480p shift 3 (the real checkpoints ship UniPC
+with flow_shift 3; `engine.backbones.wan` samples on the Euler equivalent either way).
+
+Usable from configs: `model.pretrained: tiny-sd3`, `tiny-flux` or `tiny-wan`.
 """
 
 from __future__ import annotations
@@ -26,8 +31,18 @@ from diffusers import (
     FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    WanPipeline,
+    WanTransformer3DModel,
 )
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 
 from diffusion_align.testing import _text_config
 from rewards.tokenizers import clip_tokenizer
@@ -45,6 +60,8 @@ FLUX_SCHEDULER_CONFIG = dict(
     base_image_seq_len=256,
     max_image_seq_len=4096,
 )
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers: flow_shift 3 (480p) of its UniPC scheduler, as the Euler shift
+WAN_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
 
 
 @lru_cache(maxsize=1)
@@ -174,4 +191,52 @@ def tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline:
     return pipe
 
 
-TINY_FLOW_PIPELINES = {"tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux}
+def tiny_wan(seed: int = 0) -> WanPipeline:
+    """A seeded Wan 2.1 T2V-shaped pipeline: 2 DiT blocks (self-attention with RMS q/k norm across heads,
+    cross-attention to UMT5), 5-frame 32x32 clips, 16-channel latents of 2 x 4 x 4."""
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,  # the UMT5 width
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(  # Wan's default latents_mean/std stay in the config
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(T5_CHARS) + 3,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            dropout_rate=0.0,
+        )
+    ).eval()
+    pipe = WanPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=text_encoder,
+        vae=vae.eval(),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**WAN_SCHEDULER_CONFIG),
+    )
+    pipe.default_size = (32, 32)  # WanPipeline's call defaults are 480 x 832 and 81 frames
+    pipe.default_num_frames = 5
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TINY_FLOW_PIPELINES = {"tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux, "tiny-wan": tiny_wan}

@@ -13,6 +13,7 @@ from diffusion_align.engine.backbones.flux import FluxBackbone
 from diffusion_align.engine.backbones.sd3 import SD3Backbone
 from diffusion_align.engine.backbones.stable_diffusion import PromptEmbeds, StableDiffusionBackbone
 from diffusion_align.engine.backbones.video import VideoBackbone
+from diffusion_align.engine.backbones.wan import WanBackbone
 from diffusion_align.errors import UserError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -24,6 +25,7 @@ SUPPORTED_PIPELINES = {
     "TextToVideoSDPipeline": VideoBackbone,
     "StableDiffusion3Pipeline": SD3Backbone,
     "FluxPipeline": FluxBackbone,
+    "WanPipeline": WanBackbone,
 }
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "VideoBackbone",
     "SD3Backbone",
     "FluxBackbone",
+    "WanBackbone",
     "load_backbone",
     "resolve_device",
     "DTYPES",
@@ -72,7 +75,7 @@ def _missing_model_message(pretrained: str, error: Exception) -> str:
         f"Hugging Face hub or its cache under HF_HOME={hub_home}{offline} [{reason}]. Pass a local diffusers "
         "folder (model.pretrained=/path/to/pipeline with model_index.json), download it first with "
         "`huggingface-cli download ID`, or use a built-in model: tiny-sd, tiny-sdxl, tiny-animatediff, "
-        "tiny-t2v, tiny-sd3, tiny-flux, shapes"
+        "tiny-t2v, tiny-sd3, tiny-flux, tiny-wan, shapes"
     )
 
 
