@@ -230,7 +230,7 @@ def test_loads_from_a_pipeline_folder(name, tmp_path):
     assert torch.equal(ours, load_backbone(name, device="cpu").encode_prompts(PROMPTS, guidance=False).cond)
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-sd"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux", "tiny-wan", "tiny-sd"])
 def test_offloaded_text_encoders_encode_the_same_and_stay_on_the_cpu(name):
     from diffusion_align.config.registry import build_backbone
     from diffusion_align.config.settings import ModelSettings
