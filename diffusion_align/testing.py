@@ -53,17 +53,20 @@ def _text_config(hidden_size: int, projection_dim: int = 32) -> CLIPTextConfig:
     )
 
 
-def _tiny_vae() -> AutoencoderKL:
+def _tiny_vae(**overrides) -> AutoencoderKL:
     # Two blocks: downsample factor 2, so 32x32 images have 16x16 latents.
     return AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
+        **{
+            "block_out_channels": (8, 16),
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "latent_channels": 4,
+            "norm_num_groups": 4,
+            "sample_size": 32,
+            **overrides,
+        }
     )
 
 

@@ -44,7 +44,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from diffusion_align.testing import _text_config
+from diffusion_align.testing import _text_config, _tiny_vae
 from rewards.tokenizers import clip_tokenizer
 
 T5_CHARS = string.ascii_lowercase + string.digits + string.punctuation + " "  # one token each
@@ -108,15 +108,8 @@ def _t5(d_model: int = 32) -> T5EncoderModel:
 
 def _flow_vae(latent_channels: int, shift_factor: float, scaling_factor: float) -> AutoencoderKL:
     # As the SD3/FLUX VAEs: no quant convs, latents normalised by a shift and a scale. Factor 2: 32 -> 16.
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
+    return _tiny_vae(
         latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=32,
         use_quant_conv=False,
         use_post_quant_conv=False,
         shift_factor=shift_factor,

@@ -41,3 +41,14 @@ def finished_run(tmp_path_factory) -> Path:
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny video and transformer models run many small ops: on a shared 2-core machine two OpenMP threads
+    stall waiting for each other (single calls spiking from 0.2 s to 11 s, measured); one thread is steady
+    and as fast. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

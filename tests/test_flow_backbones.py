@@ -23,13 +23,7 @@ BUILDERS = {"tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux}
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # many small ops (as in test_video.py): on a shared 2-core machine two OpenMP threads stall each other
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _generators():

@@ -26,14 +26,7 @@ PROMPTS = [
 FAMILIES = ["tiny-animatediff", "tiny-t2v"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny video UNets run many small ops: on a shared 2-core machine two OpenMP threads stall waiting for
-    # each other (single calls spiking from 0.2 s to 11 s, measured); one thread is steady and as fast.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _backbone(name: str, eta: float = 1.0):
