@@ -4,6 +4,7 @@ strategies train only the LoRA."""
 
 import pytest
 import torch
+from test_strategies import accumulated_grads, assert_same_grads
 
 import rewards
 from diffusion_align.config.registry import build_sampler
@@ -43,22 +44,6 @@ def gens(n, offset=0):
     return [torch.Generator().manual_seed(offset + i) for i in range(n)]
 
 
-def accumulated(strategy, micros):
-    params = strategy.policy.parameters()
-    for p in params:
-        p.grad = None
-    for micro in micros:
-        loss, _ = strategy.loss(micro)
-        (loss * micro["weight"]).backward()
-    return [p.grad.clone() for p in params]
-
-
-def assert_close(a, b, tol=1e-5):
-    scale = max(g.abs().max().item() for g in a)
-    assert scale > 0
-    assert max((x - y).abs().max().item() for x, y in zip(a, b, strict=True)) <= tol * scale
-
-
 @pytest.fixture(scope="module")
 def grpo():
     policy = make_policy(SDE)
@@ -78,12 +63,12 @@ def test_flow_grpo_micro_batches_accumulate_to_the_big_batch(grpo):
     strategy, batch = grpo
     one = strategy.plan(batch, 4, 4, torch.Generator().manual_seed(2))[0]
     many = strategy.plan(batch, 4, 1, torch.Generator().manual_seed(2))[0]
-    assert_close(accumulated(strategy, one), accumulated(strategy, many))
+    assert_same_grads(accumulated_grads(strategy, one), accumulated_grads(strategy, many))
 
 
 def test_flow_grpo_gradient_reaches_only_the_lora(grpo):
     strategy, batch = grpo
-    accumulated(strategy, strategy.plan(batch, 4, 4, torch.Generator().manual_seed(3))[0])
+    accumulated_grads(strategy, strategy.plan(batch, 4, 4, torch.Generator().manual_seed(3))[0])
     transformer = strategy.policy.backbone.unet
     with_grad = {n for n, p in transformer.named_parameters() if p.grad is not None}
     assert with_grad and all("lora" in n for n in with_grad)
@@ -103,7 +88,7 @@ def test_nft_keeps_only_x0_and_accumulates(nft):
     assert batch["latents"].shape[1] == 1 and "log_probs" not in batch
     one = strategy.plan(batch, 4, 4, torch.Generator().manual_seed(4))[0]
     many = strategy.plan(batch, 4, 1, torch.Generator().manual_seed(4))[0]
-    assert_close(accumulated(strategy, one), accumulated(strategy, many))
+    assert_same_grads(accumulated_grads(strategy, one), accumulated_grads(strategy, many))
 
 
 def test_nft_old_policy_moves_by_the_published_decay(nft):
@@ -138,7 +123,7 @@ def test_draft_backpropagates_through_the_flow_ode():
     policy = make_policy(ODE, seed=2)
     strategy = DRaFT(DRaFTConfig(k=2), policy, soft(), ODE)
     batch = strategy.collect(PROMPTS * 2, gens(4, 20))
-    grads = accumulated(strategy, strategy.plan(batch, 4, 2, torch.Generator().manual_seed(5))[0])
+    grads = accumulated_grads(strategy, strategy.plan(batch, 4, 2, torch.Generator().manual_seed(5))[0])
     assert max(g.abs().max().item() for g in grads) > 0
 
 
