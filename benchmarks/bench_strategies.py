@@ -4,6 +4,7 @@
     python benchmarks/bench_strategies.py --model shapes --steps 10 --samples 8
     python benchmarks/bench_strategies.py --no-checkpointing   # AlignProp/DRaFT keep the window's activations
     python benchmarks/bench_strategies.py --memory             # AlignProp/DRaFT peak memory vs window
+    python benchmarks/bench_strategies.py --model tiny-sd3 --strategies flow_grpo,flow_grpo_fast,diffusion_nft
 
 Time: one iteration = collect + plan + every micro-batch's loss/backward + optimizer step, through the real
 trainer-facing interface. The lower bound replays exactly the denoiser calls that iteration made (recorded by
@@ -18,6 +19,7 @@ see torch's allocator), torch.cuda.max_memory_allocated on GPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -27,6 +29,19 @@ import torch
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 STRATEGIES = ["ddpo", "d3po", "prdp", "alignprop", "draft"]
+# benchmark name -> strategy settings (flow models: `--model tiny-sd3`); Fast: a 2-step SDE window in the
+# first half of the chain, the cost per epoch to compare with full Flow-GRPO
+PRESETS = {
+    "flow_grpo": {"name": "flow_grpo", "group_size": 2, "beta": 0.0},
+    "flow_grpo_fast": {
+        "name": "flow_grpo",
+        "group_size": 2,
+        "beta": 0.0,
+        "sde_window": 2,
+        "timestep_window": 0.5,
+    },
+    "diffusion_nft": {"name": "diffusion_nft", "group_size": 2, "kl_beta": 0.0},
+}
 
 
 def build(model: str, strategy: str, steps: int, samples: int, device: str, extra: dict | None = None):
@@ -35,7 +50,7 @@ def build(model: str, strategy: str, steps: int, samples: int, device: str, extr
     from diffusion_align.config.registry import build_backbone, build_policy, build_reward
 
     reward = "shapes_color_soft" if strategy in ("alignprop", "draft") else "jpeg_compressibility"
-    s_cfg = {"name": strategy, **(extra or {})}
+    s_cfg = {**PRESETS.get(strategy, {"name": strategy}), **(extra or {})}
     if strategy == "prdp":
         s_cfg.setdefault("group_size", 2)
     if strategy == "alignprop":  # a cut scaled to the short chain: the last ~steps/5 steps (paper: 8 of 50)
@@ -76,19 +91,24 @@ def iteration(policy, strategy, prompts, optimizer, micro: int, seed: int) -> No
 
 
 def record_calls(unet, decoder):
-    """Record every denoiser and VAE-decoder call: (kind, input shapes, grad enabled)."""
+    """Record every denoiser and VAE-decoder call: (kind, its arguments, grad enabled). Tensors are kept as
+    (shape, dtype) and other values as they are, so any family's denoiser (UNet, SD3/FLUX transformer) can be
+    replayed with fresh tensors of the same shapes."""
     calls = []
 
-    def unet_hook(module, args, kwargs, out):
-        hidden = kwargs.get("encoder_hidden_states")
-        calls.append(("unet", (tuple(args[0].shape), tuple(hidden.shape)), torch.is_grad_enabled()))
+    def spec(value):
+        return ("tensor", tuple(value.shape), value.dtype) if torch.is_tensor(value) else ("value", value)
 
-    def decoder_hook(module, args, kwargs, out):
-        calls.append(("decoder", (tuple(args[0].shape),), torch.is_grad_enabled()))
+    def hook(kind):
+        def record(module, args, kwargs, out):
+            arguments = ([spec(a) for a in args], {k: spec(v) for k, v in kwargs.items()})
+            calls.append((kind, arguments, torch.is_grad_enabled()))
+
+        return record
 
     handles = [
-        unet.register_forward_hook(unet_hook, with_kwargs=True),
-        decoder.register_forward_hook(decoder_hook, with_kwargs=True),
+        unet.register_forward_hook(hook("unet"), with_kwargs=True),
+        decoder.register_forward_hook(hook("decoder"), with_kwargs=True),
     ]
     return calls, handles
 
@@ -97,21 +117,26 @@ def bare(backbone, calls, device, dtype, checkpointing: bool = False) -> None:
     """The recorded denoiser and decoder calls, nothing else: forward, and a backward for those with gradient
     (the decoder's backward is part of reward backprop: pixels -> latents). `checkpointing`: the denoiser
     calls with gradient are recomputed in backward, as the strategy does when it checkpoints (that recompute
-    is the price of its memory saving, not overhead)."""
-    t = torch.tensor(500, device=device)
+    is the price of its memory saving, not overhead). Timesteps are 500 (any valid one costs the same)."""
 
-    def unet(x, hidden):
-        return backbone.unet(x, t, encoder_hidden_states=hidden, return_dict=False)[0]
+    def make(spec, grad, name=None):
+        if spec[0] == "value":
+            return spec[1]
+        shape, tensor_dtype = spec[1], spec[2]
+        if name in ("timestep", "t") or not tensor_dtype.is_floating_point:
+            return torch.full(shape, 500, device=device, dtype=tensor_dtype)
+        return torch.randn(shape, device=device, dtype=tensor_dtype, requires_grad=grad)
 
-    for kind, shapes, grad in calls:
-        inputs = [torch.randn(shape, device=device, dtype=dtype, requires_grad=grad) for shape in shapes]
+    for kind, (args, kwargs), grad in calls:
+        module = backbone.unet if kind == "unet" else backbone.vae.decoder
+        inputs = [make(a, grad and i == 0, "t" if i == 1 else None) for i, a in enumerate(args)]
+        named = {k: make(v, False, k) for k, v in kwargs.items()}
         with torch.set_grad_enabled(grad):
             if kind == "unet" and grad and checkpointing:
-                out = grad_checkpoint(unet, *inputs, use_reentrant=False)
-            elif kind == "unet":
-                out = unet(*inputs)
+                out = grad_checkpoint(functools.partial(module, **named), *inputs, use_reentrant=False)
             else:
-                out = backbone.vae.decoder(inputs[0])
+                out = module(*inputs, **named)
+            out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
         if grad:
             out.float().mean().backward()
 
@@ -151,7 +176,7 @@ def time_strategy(args, name: str) -> dict:
     s, b = min(strategy_s), min(bare_s)
     return {
         "strategy": name,
-        "unet_calls": sum(c[0] == "unet" for c in recorded),
+        "denoiser_calls": sum(c[0] == "unet" for c in recorded),
         "decoder_calls": sum(c[0] == "decoder" for c in recorded),
         "grad_calls": sum(c[2] for c in recorded),
         "checkpointing": checkpointing,
