@@ -92,3 +92,19 @@ def test_flow_grpo_advantages_are_group_normalised_with_the_global_std(policy):
 def test_a_window_larger_than_the_trainable_steps_is_refused(policy):
     with pytest.raises(UserError, match="sde_window=4"):
         DDPO(FlowGRPOConfig(sde_window=4, timestep_window=0.5), policy, None, SAMPLE)
+
+
+def test_the_sliding_window_moves_one_step_every_n_collects_and_resumes(policy):
+    """MixGRPO's schedule: with 3 trainable steps and a 2-step window there are 2 places; every 2 collects the
+    window moves one step later, wrapping around; the clock is part of the strategy's state."""
+    config = FlowGRPOConfig(
+        sde_window=2, sde_window_mode="sliding", sde_window_every=2, timestep_window=0.5, beta=0.0
+    )
+    strategy = DDPO(config, policy, None, SAMPLE)
+    gens = [torch.Generator().manual_seed(0)]
+    starts = [int(strategy.sde_steps(gens)[1][0]) for _ in range(6)]
+    assert starts == [0, 0, 1, 1, 0, 0]
+    state = strategy.state_dict()
+    again = DDPO(config, policy, None, SAMPLE)
+    again.load_state_dict(state)
+    assert int(again.sde_steps(gens)[1][0]) == int(strategy.sde_steps(gens)[1][0]) == 1

@@ -1,6 +1,6 @@
 """Flow-GRPO(-Fast) and DiffusionNFT through the trainer on tiny SD3: a run interrupted and resumed ends with
 the same LoRA as the straight run (NFT's old policy and step count are checkpointed; Fast's window is drawn
-from the samples' own derived generators)."""
+from the samples' own derived generators; MixGRPO's sliding window keeps its clock in the checkpoint)."""
 
 import pytest
 from test_trainer import lora_of, max_diff, tiny_config
@@ -18,6 +18,13 @@ STRATEGIES = {
     "flow_grpo": {"name": "flow_grpo", "group_size": 2, "beta": 0.01},
     "flow_grpo_fast": {"name": "flow_grpo", "group_size": 2, "sde_window": 1, "timestep_window": 0.5},
     "diffusion_nft": {"name": "diffusion_nft", "group_size": 2, "decay_rate": 0.3},
+    "mixgrpo_sliding": {
+        "name": "flow_grpo",
+        "group_size": 2,
+        "sde_window": 1,
+        "timestep_window": 0.75,
+        "sde_window_mode": "sliding",
+    },
 }
 
 

@@ -14,7 +14,8 @@ Flow-GRPO (Liu et al. 2025; flow_grpo, anchors §2.5) is this objective on a flo
 GRPO advantages: `FlowGRPOConfig` sets its defaults (groups of a prompt normalised within the batch by the
 global std, KL weight, clip). `sde_window` = k > 0 is Flow-GRPO-Fast: the chain is an ODE except k
 consecutive SDE steps at a random place in the trainable window (redrawn every collect), and only those
-steps are trained, so a group branches there.
+steps are trained, so a group branches there. `sde_window_mode: sliding` is MixGRPO's schedule instead: the
+window starts at the first step and moves one step later every `sde_window_every` collects, wrapping around.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class DDPOConfig:
     advantages: Literal["stat_tracker", "group"] = "stat_tracker"
     global_std: bool = False  # "group" advantages divided by the whole batch's std (Flow-GRPO's default)
     sde_window: int = 0  # > 0: Flow-GRPO-Fast, an ODE chain with this many SDE steps, only they trained
+    sde_window_mode: Literal["random", "sliding"] = "random"  # Fast's random place, or MixGRPO's sliding one
+    sde_window_every: int = 1  # sliding: collects before the window moves one step
 
 
 @dataclass
@@ -94,6 +97,7 @@ class DDPO:
         self.group = group or LocalGroup()
         self.num_inner_epochs = config.num_inner_epochs
         self.tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
+        self.collects = 0  # collects so far: the sliding window's clock
 
     # --- collect -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -135,7 +139,11 @@ class DDPO:
         draw = torch.Generator(first.device)
         draw.set_state(first.get_state())
         usable = window_steps(s.num_steps, self.config.timestep_window)
-        start = int(torch.randint(0, usable - k + 1, (), generator=draw, device=first.device))
+        if self.config.sde_window_mode == "sliding":
+            start = (self.collects // max(1, self.config.sde_window_every)) % (usable - k + 1)
+        else:
+            start = int(torch.randint(0, usable - k + 1, (), generator=draw, device=first.device))
+        self.collects += 1
         steps = torch.arange(start, start + k)
         return [s.eta if start <= i < start + k else 0.0 for i in range(s.num_steps)], steps
 
@@ -182,7 +190,8 @@ class DDPO:
         return loss, metrics
 
     def state_dict(self) -> dict:
-        return {"tracker": self.tracker.state_dict()}
+        return {"tracker": self.tracker.state_dict(), "collects": self.collects}
 
     def load_state_dict(self, state: dict) -> None:
         self.tracker.load_state_dict(state["tracker"])
+        self.collects = int(state.get("collects", 0))  # checkpoints from before the sliding window: 0
