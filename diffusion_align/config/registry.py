@@ -49,8 +49,7 @@ def build_sampler(backbone, sample: SampleSettings) -> DDIMSampler | FlowMatchSa
     check_num_steps(sample.num_steps, backbone.scheduler)
     if hasattr(backbone, "schedule"):
         size = (sample.height, sample.width) if sample.height and sample.width else None
-        schedule = lambda num_steps: backbone.schedule(num_steps, size)  # noqa: E731
-        return FlowMatchSampler(backbone.scheduler, sample.eta, sample.sde, schedule=schedule)
+        return FlowMatchSampler.for_backbone(backbone, sample.eta, sample.sde, size)
     return DDIMSampler.from_scheduler(backbone.scheduler, eta=sample.eta)
 
 

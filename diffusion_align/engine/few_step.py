@@ -59,7 +59,8 @@ def draw_noise(backbone, seeds: list[int], size: tuple[int, int] | None = None) 
 class NoiseToImage:
     """z -> images (B, 3, H, W) in [0, 1] through `rollout`, differentiable w.r.t. z when grad is enabled.
 
-    sampler: `DDIMSampler` or `SchedulerSampler`; checkpoint: recompute each denoiser call in backward.
+    sampler: `DDIMSampler`, `SchedulerSampler` or `FlowMatchSampler`; checkpoint: recompute each denoiser
+    call in backward.
     """
 
     def __init__(self, backbone, sampler, num_steps: int, guidance_scale: float, checkpoint: bool = False):
@@ -103,7 +104,7 @@ def make_sampler(backbone, scheduler: str = "auto", eta: float = 0.0, size: tupl
             raise UserError(
                 f"scheduler {scheduler!r} is for DDPM-type models; flow models use their own (auto)"
             )
-        return FlowMatchSampler(own, eta, schedule=lambda num_steps: backbone.schedule(num_steps, size))
+        return FlowMatchSampler.for_backbone(backbone, eta, size=size)
     if scheduler == "auto":
         scheduler = "ddim" if type(own).__name__ in DDIM_COMPATIBLE else "native"
     if scheduler == "ddim":

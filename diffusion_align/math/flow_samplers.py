@@ -52,6 +52,13 @@ class FlowMatchSampler:
         self.schedule = schedule or (lambda num_steps: {})
         self._num_steps: int | None = None
 
+    @classmethod
+    def for_backbone(
+        cls, backbone, noise_level: float = 0.0, kind: str = "sde", size=None
+    ) -> FlowMatchSampler:
+        """On a flow backbone's scheduler with the set_timesteps arguments its pipeline passes at `size`."""
+        return cls(backbone.scheduler, noise_level, kind, schedule=lambda n: backbone.schedule(n, size))
+
     def timesteps(self, num_steps: int, device=None) -> Tensor:
         """(S,) float timesteps, noisiest first, exactly as the pipeline's `set_timesteps` call."""
         self._set(num_steps)
@@ -127,10 +134,14 @@ class FlowMatchSampler:
         """(B,) KL between two transitions of the same std (Flow-GRPO's KL to the reference)."""
         return gaussian_kl(mean_p, mean_q, std)
 
+    def sigma_at(self, t, like: Tensor) -> Tensor:
+        """sigma = t / T at any timestep(s) t in [0, T] (not only the schedule's), float32, broadcastable on
+        `like`: the forward process's noise share."""
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        sigma = torch.as_tensor(t, dtype=torch.float32).reshape(shape).to(like.device)
+        return sigma / self.scheduler.config.num_train_timesteps
+
     def add_noise(self, x0: Tensor, noise: Tensor, t) -> Tensor:
-        """The forward process at timestep t (any t in [0, T], not only the schedule's): sigma = t / T,
-        (1 - sigma) x0 + sigma noise."""
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        sigma = torch.as_tensor(t, dtype=torch.float32).reshape(shape).to(x0.device)
-        sigma = sigma / self.scheduler.config.num_train_timesteps
+        """The forward process at timestep t: (1 - sigma) x0 + sigma noise, sigma = `sigma_at(t)`."""
+        sigma = self.sigma_at(t, x0)
         return (1 - sigma) * x0 + sigma * noise

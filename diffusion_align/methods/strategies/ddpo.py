@@ -131,17 +131,18 @@ class DDPO:
 
     def sde_steps(self, generator) -> tuple[list[float] | None, Tensor | None]:
         """Flow-GRPO-Fast's window: (per-step noise levels, its step indices), or (None, None) without one.
-        Drawn from a copy of the first sample's generator, so the samples' own noise is untouched."""
+        A random place is drawn from a copy of the first sample's generator (the samples' own noise stays
+        untouched); a sliding one from the count of collects."""
         k, s = self.config.sde_window, self.sample
         if k == 0:
             return None, None
-        first = generator[0] if isinstance(generator, (list, tuple)) else generator
-        draw = torch.Generator(first.device)
-        draw.set_state(first.get_state())
         usable = window_steps(s.num_steps, self.config.timestep_window)
         if self.config.sde_window_mode == "sliding":
             start = (self.collects // max(1, self.config.sde_window_every)) % (usable - k + 1)
         else:
+            first = generator[0] if isinstance(generator, (list, tuple)) else generator
+            draw = torch.Generator(first.device)
+            draw.set_state(first.get_state())
             start = int(torch.randint(0, usable - k + 1, (), generator=draw, device=first.device))
         self.collects += 1
         steps = torch.arange(start, start + k)

@@ -25,6 +25,7 @@ from diffusion_align.math.losses import nft_loss, nft_reward_weight
 from diffusion_align.math.stat_tracking import group_advantages
 from diffusion_align.methods.distributed import LocalGroup
 from diffusion_align.methods.strategies.sampling import (
+    noise_seeds,
     per_sample_generators,
     per_step_micros,
     sample_groups,
@@ -89,7 +90,7 @@ class NFT:
         adv = group_advantages(every_prompt, rewards.cpu().numpy(), cfg.global_std)
         batch["advantages"] = self.group.local(torch.from_numpy(adv).to(rewards.device))
         gens = per_sample_generators(generator, len(batch["prompts"]), self.policy.backbone.device)
-        batch["noise_seeds"] = [int(torch.randint(0, 2**62, (), generator=g, device=g.device)) for g in gens]
+        batch["noise_seeds"] = noise_seeds(gens)
         batch["latents"] = batch["latents"][:, -1:]  # only x0 is trained on
         batch.pop("log_probs", None)
         batch["metrics"]["nft/old_policy_decay"] = self.decay()
@@ -122,7 +123,7 @@ class NFT:
         with torch.no_grad(), self.policy.weights(self.old):
             v_old = predict(x_t, t, embeds, 1.0).float()
         v = predict(x_t, t, embeds, 1.0).float()
-        sigma = t.float() / self.policy.sampler.scheduler.config.num_train_timesteps
+        sigma = self.policy.sampler.sigma_at(t, t)
         r = nft_reward_weight(batch["advantages"][rows.to(x0.device)], cfg.adv_clip_max)
         per_sample = nft_loss(v, v_old, x_t.float(), x0.float(), sigma, r, cfg.beta) * cfg.adv_clip_max
         loss = per_sample.mean()

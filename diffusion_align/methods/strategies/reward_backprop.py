@@ -29,7 +29,12 @@ from diffusion_align.engine.rollout import rollout
 from diffusion_align.errors import UserError
 from diffusion_align.math.losses import sample_truncation
 from diffusion_align.methods.distributed import LocalGroup
-from diffusion_align.methods.strategies.sampling import per_sample_generators, sample_batch, step_rows
+from diffusion_align.methods.strategies.sampling import (
+    noise_seeds,
+    per_sample_generators,
+    sample_batch,
+    step_rows,
+)
 
 
 @dataclass
@@ -70,7 +75,7 @@ class _RewardBackprop:
     def collect(self, prompts: list[str], generator) -> dict:
         gens = per_sample_generators(generator, len(prompts), self.policy.backbone.device)
         batch = sample_batch(self.policy, self.reward, self.sample, prompts, gens)
-        batch["noise_seeds"] = [int(torch.randint(0, 2**62, (), generator=g, device=g.device)) for g in gens]
+        batch["noise_seeds"] = noise_seeds(gens)
         return batch
 
     def cut(self, generator) -> int:

@@ -67,6 +67,12 @@ def per_sample_generators(generator, n: int, device) -> list[torch.Generator]:
     return [torch.Generator(device).manual_seed(s) for s in seeds]
 
 
+def noise_seeds(gens: list[torch.Generator]) -> list[int]:
+    """One seed per sample, drawn from its generator after sampling: the noise a loss re-draws for that sample
+    (the same whatever the micro-batching)."""
+    return [int(torch.randint(0, 2**62, (), generator=g, device=g.device)) for g in gens]
+
+
 def image_size(sample) -> tuple[int, int] | None:
     return (sample.height, sample.width) if sample.height and sample.width else None
 
