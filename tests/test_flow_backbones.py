@@ -252,3 +252,18 @@ def test_offloaded_text_encoders_visit_the_gpu_only_while_encoding():
     embeds = backbone.encode_prompts(["a red circle"])
     assert embeds.cond.device.type == "cuda"
     assert all(p.device.type == "cpu" for m in backbone.text_encoders() for p in m.parameters())
+
+
+def test_max_sequence_length_sets_the_t5_tokens_as_the_pipeline_call_does():
+    from diffusion_align.config.registry import build_backbone
+    from diffusion_align.config.settings import ModelSettings
+
+    backbone = build_backbone(ModelSettings(pretrained="tiny-sd3", device="cpu", max_sequence_length=8))
+    embeds = backbone.encode_prompts(PROMPTS, guidance=False)
+    cond, _, pooled, _ = backbone.pipe.encode_prompt(
+        PROMPTS, None, None, do_classifier_free_guidance=False, max_sequence_length=8
+    )
+    assert torch.equal(embeds.cond, cond) and torch.equal(embeds.pooled, pooled)
+    assert cond.shape[1] == backbone.pipe.tokenizer.model_max_length + 8  # CLIP tokens, then T5's
+    with pytest.raises(UserError, match="model.max_sequence_length apply to models with a T5 encoder"):
+        build_backbone(ModelSettings(pretrained="tiny-sd", device="cpu", max_sequence_length=8))

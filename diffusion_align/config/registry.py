@@ -22,16 +22,14 @@ from rewards.combine import Combined
 
 def build_backbone(model: ModelSettings):
     backbone = load_backbone(model.pretrained, model.dtype, model.device, model.revision, model.variant)
-    video = {"num_frames": model.num_frames, "grad_decode_frames": model.grad_decode_frames}
-    if hasattr(backbone, "num_frames"):
-        for key, value in video.items():
-            if value is not None:
-                setattr(backbone, key, value)
-    elif any(v is not None for v in video.values()):
-        raise UserError(
-            f"model.num_frames and model.grad_decode_frames apply to video models; {model.pretrained} makes "
-            "images: remove them"
-        )
+    _set_family_options(
+        backbone, model.pretrained, "video models",
+        num_frames=model.num_frames, grad_decode_frames=model.grad_decode_frames,
+    )  # fmt: skip
+    _set_family_options(
+        backbone, model.pretrained, "models with a T5 encoder (SD3, FLUX, Wan)",
+        max_sequence_length=model.max_sequence_length,
+    )  # fmt: skip
     backbone.enable_memory_options(
         gradient_checkpointing=model.gradient_checkpointing,
         vae_slicing=model.vae_slicing,
@@ -40,6 +38,17 @@ def build_backbone(model: ModelSettings):
         offload_text_encoders=model.offload_text_encoders,
     )
     return backbone
+
+
+def _set_family_options(backbone, name: str, family: str, **options) -> None:
+    """Set the options that are not None on the backbone; a UserError when its family has none of them."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if given and not all(hasattr(backbone, k) for k in given):
+        raise UserError(
+            f"model.{' and model.'.join(given)} apply to {family}; {name} is not one: remove them"
+        )
+    for key, value in given.items():
+        setattr(backbone, key, value)
 
 
 def build_sampler(backbone, sample: SampleSettings) -> DDIMSampler | FlowMatchSampler:

@@ -17,7 +17,7 @@ from diffusion_align.methods.strategies import STRATEGY_CONFIGS
 @dataclass
 class ModelSettings:
     pretrained: str = (
-        "tiny-sd"  # built-in name (tiny-sd, tiny-sdxl, shapes), local diffusers folder or hub id
+        "tiny-sd"  # built-in (shapes, shapes-flow, tiny-sd, tiny-sd3, ...), local diffusers folder or hub id
     )
     revision: str | None = None  # hub revision (branch, tag or commit)
     variant: str | None = None  # weight-file variant on the hub, e.g. "fp16"
@@ -35,6 +35,9 @@ class ModelSettings:
     grad_decode_frames: int | None = (
         None  # video reward backprop: decode only this many random frames (VADER)
     )
+    # SD3/FLUX/Wan: T5 (UMT5) prompt tokens; None = the pipeline's default (SD3 256, FLUX and Wan 512; the
+    # bundled shapes-flow, which has no T5, was trained with 1). Flow-GRPO trains SD3.5 with 128.
+    max_sequence_length: int | None = None
 
 
 @dataclass

@@ -78,7 +78,9 @@ def _reference_images(prompts: list[str], seeds: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int, batch: int = 64):
+def generate(
+    pipe, prompts: list[str], seeds: list[int], guidance: float, steps: int, batch: int = 64, **call_kwargs
+):
     """(N, 3, 32, 32) images in [0, 1]; image i uses generator seed `seeds[i]`."""
     out = []
     for i in tqdm(range(0, len(prompts), batch), desc=f"generate cfg={guidance}", leave=False):
@@ -89,6 +91,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], guidance: float, steps:
             guidance_scale=guidance,
             generator=gens,
             output_type="pt",
+            **call_kwargs,
         )
         out.append(res.images.float().cpu())
     return torch.cat(out)
@@ -118,24 +121,59 @@ def evaluate(
     clip_dir: str | Path,
     out_dir: str | Path,
     n_prompts: int = 64,
-    seeds_per_prompt: int = 2,
-    guidances: tuple[float, ...] = (1.0, 3.0, 7.5),
-    grid_guidance: float = 3.0,
     steps: int = 50,
 ) -> dict:
-    """Write `metrics.json` and `heldout_grid.png` into `out_dir` and return the metrics."""
+    """Write `metrics.json` and the grids into `out_dir` and return the metrics: CLIP retrieval, then the
+    `shapes` pipeline's adherence (DDIM, eta 0)."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel, CLIPTokenizer
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
     tok = CLIPTokenizer.from_pretrained(clip_dir)
     metrics: dict = {"clip_retrieval": {s: clip_retrieval(clip, tok, s) for s in ("heldout", "val")}}
-
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
+    metrics.update(adherence_report(pipe, out_dir, n_prompts, steps, scheduler="DDIM eta=0"))
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def evaluate_flow(
+    pipeline_dir: str | Path, out_dir: str | Path, n_prompts: int = 64, steps: int = 40
+) -> dict:
+    """`metrics.json` and grids of the `shapes-flow` pipeline's adherence (Euler ODE, its T5 length)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffusion_align.zoo.shapes_models import FLOW_T5_TOKENS
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
+    metrics = adherence_report(
+        pipe, out_dir, n_prompts, steps, "flow Euler ODE", guidances=(1.0, 3.0, 4.5, 7.5),
+        max_sequence_length=FLOW_T5_TOKENS,
+    )  # fmt: skip
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def adherence_report(
+    pipe,
+    out_dir: str | Path,
+    n_prompts: int = 64,
+    steps: int = 50,
+    scheduler: str = "",
+    seeds_per_prompt: int = 2,
+    guidances: tuple[float, ...] = (1.0, 3.0, 7.5),
+    grid_guidance: float = 3.0,
+    **call_kwargs,
+) -> dict:
+    """The detector's adherence of `pipe`'s images (held-out and seen captions, several guidance scales)
+    beside its ceiling on real images and their VAE reconstructions; grids in `out_dir`. `call_kwargs` go to
+    every pipeline call."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    metrics["generation"] = {"steps": steps, "scheduler": "DDIM eta=0", "seeds_per_prompt": seeds_per_prompt}
+    metrics: dict = {
+        "generation": {"steps": steps, "scheduler": scheduler, "seeds_per_prompt": seeds_per_prompt}
+    }
     for split, prompts in (
         ("heldout", data.heldout_prompts(n_prompts)),
         ("val", data.make_split("val", n_prompts).captions),  # seen combinations, as sampled
@@ -144,9 +182,9 @@ def evaluate(
         seeds = list(range(len(ps)))
         scenes = [parse_caption(p) for p in ps]
         real = _reference_images(ps, seeds)
-        recon = (
-            pipe.vae.decode(pipe.vae.encode(real * 2 - 1).latent_dist.mean).sample.div(2).add(0.5).clamp(0, 1)
-        )
+        with torch.no_grad():
+            posterior = pipe.vae.encode(real * 2 - 1).latent_dist.mean
+            recon = pipe.vae.decode(posterior).sample.div(2).add(0.5).clamp(0, 1)
         res = {
             "n_prompts": len(prompts),
             "n_images": len(ps),
@@ -154,12 +192,11 @@ def evaluate(
             "detector_on_vae_reconstructions": adherence(detect(recon), scenes),
         }
         for g in guidances:
-            images = generate(pipe, ps, seeds, g, steps)
+            images = generate(pipe, ps, seeds, g, steps, **call_kwargs)
             res[f"generated_cfg{g:g}"] = adherence(detect(images), scenes)
             if split == "heldout" and g == grid_guidance:
                 grid_png(images[::seeds_per_prompt][:48], prompts[:48], out_dir / "heldout_grid.png")
             if split == "val" and g == grid_guidance:
                 grid_png(images[::seeds_per_prompt][:24], prompts[:24], out_dir / "val_grid.png")
         metrics[f"adherence_{split}"] = res
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

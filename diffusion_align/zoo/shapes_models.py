@@ -83,3 +83,36 @@ def build_unet() -> UNet2DConditionModel:
 
 def build_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**SD_SCHEDULER_CONFIG)
+
+
+# --- shapes-flow: the same world as an SD3-style flow model -------------------------------------------
+FLOW_WIDTH = 128  # transformer width = the two CLIP towers' states side by side (2 x TEXT_WIDTH)
+FLOW_CLIP_TOKENS = 16  # CLIP context (the longest shapes caption is 14 tokens with bos/eos): 16, not 77
+FLOW_T5_TOKENS = 1  # there is no T5: the pipeline feeds `max_sequence_length` zero rows in its place
+
+
+def build_flow_transformer():
+    """An MMDiT (SD3's `SD3Transformer2DModel`) of 4 joint blocks at width 128 on 8x8x4 latents: 16 image
+    tokens (patch 2) beside 16 + 1 text tokens; about 2.5M parameters, RMS-normed q/k as in SD3.5."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=FLOW_WIDTH // 32,
+        joint_attention_dim=FLOW_WIDTH,
+        caption_projection_dim=FLOW_WIDTH,
+        pooled_projection_dim=2 * TEXT_WIDTH,  # both CLIP projections (projection_dim = TEXT_WIDTH)
+        pos_embed_max_size=16,  # up to 64 px images
+        qk_norm="rms_norm",
+    )
+
+
+def build_flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3/SD3.5's static shift

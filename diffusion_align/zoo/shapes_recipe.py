@@ -47,7 +47,7 @@ class RecipeConfig:
     threads: int = 2
 
 
-class _Log:
+class TrainLog:
     """JSON-lines training log plus a wall-clock budget shared by the stages."""
 
     def __init__(self, path: Path, minutes: float):
@@ -73,24 +73,24 @@ class _Log:
         return True
 
 
-def _seed(seed: int):
+def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _cosine(step: int, total: int, warmup: int = 100) -> float:
+def cosine_lr(step: int, total: int, warmup: int = 100) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_vae(images: torch.Tensor, cfg: RecipeConfig, log: _Log):
+def train_vae(images: torch.Tensor, cfg: RecipeConfig, log: TrainLog):
     """images: (N, 3, 32, 32) in [0, 1]. MSE + a tiny KL term (SD's 1e-6 weight); scaling from the data."""
-    _seed(cfg.seed + 1)
+    seed_everything(cfg.seed + 1)
     vae = models.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.vae_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.vae_steps))
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     log.start_stage(0.15)
     for step in (bar := tqdm(range(cfg.vae_steps), desc="vae")):
@@ -140,13 +140,13 @@ def _clip_pixels(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-def train_clip(images: torch.Tensor, scenes: list[Scene], cfg: RecipeConfig, log: _Log):
+def train_clip(images: torch.Tensor, scenes: list[Scene], cfg: RecipeConfig, log: TrainLog):
     """Contrastive training with, per image, one hard-negative caption that differs in one attribute."""
-    _seed(cfg.seed + 2)
+    seed_everything(cfg.seed + 2)
     tok = clip_tokenizer()
     clip = models.build_clip()
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.clip_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.clip_steps))
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     rng = random.Random(cfg.seed + 2)
     log.start_stage(0.2)
@@ -200,9 +200,11 @@ def encode_prompts(text_encoder, tok, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids.input_ids)[0]
 
 
-def train_unet(images: torch.Tensor, scenes: list[Scene], vae, text_encoder, cfg: RecipeConfig, log: _Log):
+def train_unet(
+    images: torch.Tensor, scenes: list[Scene], vae, text_encoder, cfg: RecipeConfig, log: TrainLog
+):
     """Epsilon-prediction on the SD 1.5 noise schedule, caption dropout for CFG, EMA weights returned."""
-    _seed(cfg.seed + 3)
+    seed_everything(cfg.seed + 3)
     tok = clip_tokenizer()
     captions = sorted({s.caption() for s in scenes})
     emb = encode_prompts(text_encoder, tok, ["", *captions])  # row 0: the unconditional prompt
@@ -216,7 +218,7 @@ def train_unet(images: torch.Tensor, scenes: list[Scene], vae, text_encoder, cfg
     ema = [p.detach().clone() for p in unet.parameters()]
     noise_sched = models.build_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, cfg.unet_steps, warmup=200))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.unet_steps, warmup=200))
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     log.start_stage(0.6)
     for step in (bar := tqdm(range(cfg.unet_steps), desc="unet")):
@@ -249,10 +251,10 @@ def train_unet(images: torch.Tensor, scenes: list[Scene], vae, text_encoder, cfg
     return unet.eval()
 
 
-def _write_tokenizer(directory: Path):
-    # vocab.json + merges.txt load with every transformers version; the config pins the 77-token context.
+def write_tokenizer(directory: Path, max_length: int = 77):
+    # vocab.json + merges.txt load with every transformers version; the config pins the context length.
     write_clip_tokenizer_files(directory)
-    cfg = {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}
+    cfg = {"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
 
 
@@ -275,10 +277,10 @@ def save_artifacts(out: Path, vae, clip, unet) -> None:
         shutil.rmtree(out / sub, ignore_errors=True)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
     shutil.rmtree(out / "pipeline" / "tokenizer")
-    _write_tokenizer(out / "pipeline" / "tokenizer")
+    write_tokenizer(out / "pipeline" / "tokenizer")
     clip.half().save_pretrained(out / "clip", safe_serialization=True)
     models.clip_image_processor().save_pretrained(out / "clip")
-    _write_tokenizer(out / "clip")
+    write_tokenizer(out / "clip")
     clip.float()
 
 
@@ -297,7 +299,7 @@ def build(out: str | Path, cfg: RecipeConfig) -> dict:
 def _build(out: Path, cfg: RecipeConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_log.jsonl").unlink(missing_ok=True)
-    log = _Log(out / "train_log.jsonl", cfg.minutes)
+    log = TrainLog(out / "train_log.jsonl", cfg.minutes)
     log(event="config", **asdict(cfg), torch=torch.__version__)
     times = {}
     t = time.time()

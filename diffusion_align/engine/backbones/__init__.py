@@ -75,7 +75,7 @@ def _missing_model_message(pretrained: str, error: Exception) -> str:
         f"Hugging Face hub or its cache under HF_HOME={hub_home}{offline} [{reason}]. Pass a local diffusers "
         "folder (model.pretrained=/path/to/pipeline with model_index.json), download it first with "
         "`huggingface-cli download ID`, or use a built-in model: tiny-sd, tiny-sdxl, tiny-animatediff, "
-        "tiny-t2v, tiny-sd3, tiny-flux, tiny-wan, shapes"
+        "tiny-t2v, tiny-sd3, tiny-flux, tiny-wan, shapes, shapes-flow"
     )
 
 
@@ -116,4 +116,12 @@ def load_backbone(
         pretrained, DTYPES[dtype], revision, variant
     )
     backbone = SUPPORTED_PIPELINES.get(type(pipe).__name__, StableDiffusionBackbone)(pipe)
+    for key, value in _bundled_defaults(pretrained).items():
+        setattr(backbone, key, value)
     return backbone.to(device=resolve_device(device), dtype=DTYPES[dtype])
+
+
+def _bundled_defaults(name: str) -> dict:
+    from diffusion_align.bundled import BUNDLED_MODEL_DEFAULTS
+
+    return BUNDLED_MODEL_DEFAULTS.get(name, {})
