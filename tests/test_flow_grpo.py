@@ -108,3 +108,26 @@ def test_the_sliding_window_moves_one_step_every_n_collects_and_resumes(policy):
     again = DDPO(config, policy, None, SAMPLE)
     again.load_state_dict(state)
     assert int(again.sde_steps(gens)[1][0]) == int(strategy.sde_steps(gens)[1][0]) == 1
+
+
+def test_zero_advantage_samples_leave_the_update_and_the_steps_keep_their_count(policy):
+    strategy = DDPO(
+        FlowGRPOConfig(group_size=2, beta=0.0, timestep_fraction=0.5),
+        policy,
+        Combined({"soft": rewards.build("shapes_color_soft")}),
+        SAMPLE,
+    )
+    batch = strategy.collect(PROMPTS * 2, [torch.Generator().manual_seed(i) for i in range(4)])
+    batch["advantages"] = torch.tensor([0.0, 1.5, 0.0, -0.7])  # rows 0 and 2: a group of equal rewards
+    for batch_size, micro in ((4, 4), (2, 1)):
+        plan = strategy.plan(batch, batch_size, micro, torch.Generator().manual_seed(0))
+        assert len(plan) == 4 // batch_size  # as many optimizer steps as without the filter
+        assert {int(r) for step in plan for m in step for r in m["rows"]} == {1, 3}
+        for step in plan:
+            assert math.isclose(sum(m["weight"] for m in step), 1.0)
+    strategy.config.filter_zero_advantages = False  # DDPO's default: every row stays
+    plan = strategy.plan(batch, 4, 4, torch.Generator().manual_seed(0))
+    assert {int(r) for m in plan[0] for r in m["rows"]} == {0, 1, 2, 3}
+    batch["advantages"] = torch.zeros(4)  # nothing would remain: the plan keeps its rows (zero gradient)
+    strategy.config.filter_zero_advantages = True
+    assert len(strategy.plan(batch, 4, 4, torch.Generator().manual_seed(0))[0][0]["rows"]) == 4

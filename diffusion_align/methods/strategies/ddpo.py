@@ -63,6 +63,9 @@ class DDPOConfig:
     sde_window: int = 0  # > 0: Flow-GRPO-Fast, an ODE chain with this many SDE steps, only they trained
     sde_window_mode: Literal["random", "sliding"] = "random"  # Fast's random place, or MixGRPO's sliding one
     sde_window_every: int = 1  # sliding: collects before the window moves one step
+    # Drop samples whose advantage is 0 (a group of equal rewards) from the update, as flow_grpo does: the
+    # rest keep the whole objective's weight. Each process keeps the number of optimizer steps it planned.
+    filter_zero_advantages: bool = False
 
 
 @dataclass
@@ -76,6 +79,17 @@ class FlowGRPOConfig(DDPOConfig):
     global_std: bool = True
     timestep_fraction: float = 0.99
     beta: float = 0.04
+    filter_zero_advantages: bool = True
+
+
+def without_zero_advantages(steps: list[Tensor], advantages: Tensor) -> list[Tensor]:
+    """The optimizer steps' rows without those of advantage 0, spread evenly over as many steps (so every
+    process still takes the steps it planned); unchanged when fewer rows than steps would remain."""
+    rows = torch.cat(steps)
+    kept = rows[advantages.cpu()[rows] != 0]
+    if len(kept) < len(steps):
+        return steps
+    return list(torch.tensor_split(kept, len(steps)))
 
 
 class DDPO:
@@ -125,6 +139,7 @@ class DDPO:
                 "advantage/std": adv.std().item() if adv.numel() > 1 else 0.0,
                 "advantage/abs_mean": adv.abs().mean().item(),
                 "advantage/per_prompt_fraction": float(per_prompt),
+                "advantage/zero_fraction": (adv == 0).float().mean().item(),
             }
         )
         return batch
@@ -158,11 +173,11 @@ class DDPO:
             step_order = window[trained_steps(n, len(window), 1.0, cfg.timestep_fraction, generator)]
         else:
             step_order = trained_steps(n, num_steps, cfg.timestep_window, cfg.timestep_fraction, generator)
+        steps = step_rows(order, batch_size)
+        if cfg.filter_zero_advantages:
+            steps = without_zero_advantages(steps, batch["advantages"])
         # ddpo-pytorch: an inner loop over each sample's shuffled steps
-        return [
-            per_step_micros(batch, rows, step_order, micro_batch_size, "rows")
-            for rows in step_rows(order, batch_size)
-        ]
+        return [per_step_micros(batch, rows, step_order, micro_batch_size, "rows") for rows in steps]
 
     # --- loss ----------------------------------------------------------------------------------------
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
