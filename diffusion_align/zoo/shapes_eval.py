@@ -145,7 +145,9 @@ def evaluate_flow(
 
     from diffusion_align.zoo.shapes_models import FLOW_T5_TOKENS
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        pipeline_dir, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32
+    )
     metrics = adherence_report(
         pipe, out_dir, n_prompts, steps, "flow Euler ODE", guidances=(1.0, 3.0, 4.5, 7.5),
         max_sequence_length=FLOW_T5_TOKENS,

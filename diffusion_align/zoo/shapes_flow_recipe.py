@@ -11,7 +11,6 @@ classifier-free guidance, EMA weights saved. Seeded and step-counted like `shape
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -185,7 +184,6 @@ def build(out: str | Path, shapes: str | Path, cfg: FlowRecipeConfig) -> dict:
         save_pipeline(pipe, out)
         seconds = {"total": time.time() - log.t0}
         log(event="done", seconds=round(seconds["total"], 1))
-        (out / "recipe.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
         return seconds
     finally:  # leave the caller's process as it was (tests call this in-process)
         torch.set_num_threads(threads)

@@ -92,6 +92,8 @@ def _load_pipeline(pretrained: str, dtype, revision, variant):
             f"model '{pretrained}' is a {class_name}; supported pipelines: {', '.join(SUPPORTED_PIPELINES)}"
         )
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    # Components saved as absent (e.g. SD3 without T5) load only when passed as None explicitly.
+    extra.update({name: None for name, value in index.items() if value == [None, None]})
     try:
         pipe = DiffusionPipeline.from_pretrained(
             pretrained, dtype=dtype, revision=revision, variant=variant, **extra
