@@ -137,9 +137,9 @@ def run_options(config: Config) -> RunOptions:
         base_model=config.model.pretrained,
         title=f"{strategy} on {config.model.pretrained}",
         eval=EvalSampling(
-            num_steps=s.num_steps,
+            num_steps=s.num_steps if s.eval_num_steps is None else s.eval_num_steps,
             guidance_scale=s.guidance_scale,
-            eta=s.eta,
+            eta=s.eta if s.eval_eta is None else s.eval_eta,
             batch_size=s.batch_size,
             seed=s.seed,
             negative_prompt=s.negative_prompt,

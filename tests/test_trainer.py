@@ -255,6 +255,23 @@ def test_eval_images_per_prompt_is_each_prompt_listed_that_many_times(tmp_path, 
         train(tiny_config(tmp_path / "z", **{"prompts.eval_images_per_prompt": 0}))
 
 
+def test_evaluation_samples_with_its_own_steps_and_noise(tmp_path):
+    """sample.eval_eta / eval_num_steps (Flow-GRPO: collect on SDE steps, evaluate on the ODE) draw the eval
+    images as a run that samples that way would; unset, evaluation samples as training does."""
+    extra = {
+        "train.epochs": 1,
+        "logging.eval_every": 0,
+        "sample.eta": 1.0,
+        "rewards": "[{name: shapes_color_soft}]",
+    }
+    own = train(
+        tiny_config(tmp_path / "a", "draft", **extra, **{"sample.eval_eta": 0.0, "sample.eval_num_steps": 3})
+    )
+    ode = train(tiny_config(tmp_path / "b", "draft", **{**extra, "sample.eta": 0.0, "sample.num_steps": 3}))
+    same = train(tiny_config(tmp_path / "c", "draft", **extra))
+    assert own["eval_before"] == ode["eval_before"] != same["eval_before"]
+
+
 def test_micro_batches_give_the_same_update(tmp_path, toy):
     extra = {"train.epochs": 1, "train.batch_size": 4, "logging.eval_every": 0}
     one = train(tiny_config(tmp_path / "a", **{**extra, "train.micro_batch_size": 4}))

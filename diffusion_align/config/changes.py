@@ -22,6 +22,8 @@ RESUMABLE = (
     "train.epochs",
     "train.micro_batch_size",  # memory: accumulation gives the same update
     "sample.batch_size",  # memory: images per rollout call; every sample has its own noise
+    "sample.eval_num_steps",
+    "sample.eval_eta",
     "model.device",
     "model.gradient_checkpointing",
     "model.vae_slicing",

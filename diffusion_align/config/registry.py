@@ -56,6 +56,8 @@ def build_sampler(backbone, sample: SampleSettings) -> DDIMSampler | FlowMatchSa
     with `sample.eta` as its noise level (0 = the pipelines' Euler ODE) on the pipeline's schedule at the
     sampled size."""
     check_num_steps(sample.num_steps, backbone.scheduler)
+    if sample.eval_num_steps is not None:
+        check_num_steps(sample.eval_num_steps, backbone.scheduler, "sample.eval_num_steps")
     if hasattr(backbone, "schedule"):
         size = (sample.height, sample.width) if sample.height and sample.width else None
         return FlowMatchSampler.for_backbone(backbone, sample.eta, sample.sde, size)

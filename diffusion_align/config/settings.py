@@ -53,6 +53,10 @@ class SampleSettings:
     width: int | None = None
     batch_size: int = 4  # images per rollout call (per process)
     seed: int = 0
+    # Evaluation images (trainer's before/after and eval_every): steps and noise, None = the training ones.
+    # Flow-GRPO collects on 10 SDE steps and evaluates on the ODE (eval_eta 0) at 40.
+    eval_num_steps: int | None = None
+    eval_eta: float | None = None
 
 
 @dataclass
@@ -148,6 +152,8 @@ add_ranges(
     SampleSettings,
     num_steps=at_least(1),  # the upper bound (the scheduler's num_train_timesteps) is checked at build time
     eta=Range(0, 1),  # DDIM's eta: 0 deterministic, 1 DDPM-like; above 1 the DDIM mean's sqrt goes negative
+    eval_eta=Range(0, 1),
+    eval_num_steps=at_least(1),
     guidance_scale=NON_NEGATIVE,
     height=at_least(8),
     width=at_least(8),
