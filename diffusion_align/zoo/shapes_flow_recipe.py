@@ -179,6 +179,7 @@ def build(out: str | Path, shapes: str | Path, cfg: FlowRecipeConfig) -> dict:
     log = TrainLog(out / "train_log.jsonl", cfg.minutes)
     try:
         log(event="config", **asdict(cfg), torch=torch.__version__, shapes=str(shapes))
+        seed_everything(cfg.seed + 4)  # the transformer's initialisation (built with the pipeline)
         pipe = assemble_pipeline(Path(shapes))
         train_transformer(pipe, cfg, log)
         save_pipeline(pipe, out)
