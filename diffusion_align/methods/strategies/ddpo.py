@@ -139,9 +139,10 @@ class DDPO:
                 "advantage/std": adv.std().item() if adv.numel() > 1 else 0.0,
                 "advantage/abs_mean": adv.abs().mean().item(),
                 "advantage/per_prompt_fraction": float(per_prompt),
-                "advantage/zero_fraction": (adv == 0).float().mean().item(),
             }
         )
+        if cfg.filter_zero_advantages:
+            batch["metrics"]["advantage/zero_fraction"] = (adv == 0).float().mean().item()
         return batch
 
     def sde_steps(self, generator) -> tuple[list[float] | None, Tensor | None]:
