@@ -66,6 +66,10 @@ STRATEGIES: dict[str, tuple[str, str]] = {
         "diffusion_align.methods.strategies.reward_backprop:DRaFTConfig",
         "diffusion_align.methods.strategies.reward_backprop:DRaFT",
     ),
+    "diffusion_dpo": (
+        "diffusion_align.methods.strategies.dpo:DiffusionDPOConfig",
+        "diffusion_align.methods.strategies.dpo:DiffusionDPO",
+    ),
     "prdp": (
         "diffusion_align.methods.strategies.prdp:PRDPConfig",
         "diffusion_align.methods.strategies.prdp:PRDP",
