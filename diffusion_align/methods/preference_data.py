@@ -182,7 +182,8 @@ class _Table:
 
     def __init__(self, file: Path):
         self.file = file
-        names = self._read(None).schema.names
+        read = self._read(None)
+        names = getattr(read, "schema", read).names
         missing = [c for c in PICKAPIC_COLUMNS if c not in names]
         if missing:
             raise UserError(

@@ -74,7 +74,7 @@ class DiffusionDPO:
         self.num_inner_epochs = config.num_inner_epochs
         self.data = read_pairs(config.data, config.data_split) if config.pairs == "offline" else None
         self.order = PairOrder(len(self.data.pairs)) if self.data else None
-        self.cache: dict[int, tuple[Tensor, Tensor, float, float]] = {}
+        self.cache: dict[int, tuple[Tensor, Tensor]] = {}  # offline row -> (latents (2, ...), rewards (2,))
         self.bad: set[int] = set()  # offline pairs whose images did not decode
         self.ref: list[Tensor] | None = None  # the refreshed reference's LoRA weights (ref_update_every)
         self.steps = 0  # optimizer steps planned so far
@@ -110,6 +110,7 @@ class DiffusionDPO:
         batch["noise_seeds"] = noise_seeds(gens)
         total = self.group.gather(torch.tensor([len(keep)], device=backbone.device))
         batch["global_pairs"] = int(total.sum().item())
+        batch["metrics"]["preference/pairs"] = float(batch["global_pairs"])
         return batch
 
     def _timesteps(self, gens) -> Tensor:
@@ -123,52 +124,56 @@ class DiffusionDPO:
     def _collect_offline(self, n: int) -> dict:
         rows = self.order.take(n * self.group.world_size)[self.group.rank * n : (self.group.rank + 1) * n]
         size = image_size(self.sample) or self.policy.backbone.default_size()
-        slots, x0, rewards = [], [], []
-        for slot, row in enumerate(rows):
-            entry = self.cache.get(row) or self._load(row, size)
-            if entry is None:
-                continue
-            if self.config.cache_latents:
-                self.cache[row] = entry
-            slots.append(slot)
-            x0.append(torch.stack(entry[:2]))
-            rewards.append(entry[2:])
-        backbone = self.policy.backbone
-        latents = (
-            torch.stack(x0)
-            if x0
-            else torch.zeros(0, 2, *backbone.latent_shape(1, size)[1:], device=backbone.device)
-        )
-        scores = torch.tensor(rewards, dtype=torch.float32).reshape(-1, 2)
+        fresh = [r for r in dict.fromkeys(rows) if r not in self.cache and r not in self.bad]
+        loaded = self._load(fresh, size)
+        if self.config.cache_latents:
+            self.cache.update(loaded)
+        entry = {r: loaded[r] if r in loaded else self.cache.get(r) for r in rows}
+        slots = [s for s, r in enumerate(rows) if entry[r] is not None]
+        latents = [entry[rows[s]][0] for s in slots]
+        scores = torch.stack([entry[rows[s]][1] for s in slots]) if slots else torch.zeros(0, 2)
         return {
             "slots": slots,
             "pair_prompts": [self.data.pairs[rows[s]].prompt for s in slots],
-            "x0": latents,
+            "x0": torch.stack(latents) if latents else torch.zeros(0, 2, *self._latent_shape(size)),
             "reward": scores.flatten(),  # the configured reward on the data's images, winner first
             "metrics": {
                 "preference/reward_agrees": (scores[:, 0] > scores[:, 1]).float().mean().item()
-                if len(scores)
+                if slots
                 else 0.0,
                 "preference/skipped_rows": float(len(self.data.skipped)),
             },
         }
 
-    def _load(self, row: int, size) -> tuple[Tensor, Tensor, float, float] | None:
-        """(winner latents, loser latents, their rewards) of offline pair `row`; None (reported) when an
-        image does not decode."""
-        if row in self.bad:
-            return None
-        pair, backbone = self.data.pairs[row], self.policy.backbone
-        try:
-            images = torch.stack([load_image(item, size) for item in pair.images()]).to(backbone.device)
-        except (BadImage, OSError) as e:  # OSError: a file removed after the data was read
-            self.bad.add(row)
-            self.data.skip(pair.where, str(e))
-            return None
-        g = torch.Generator(backbone.device).manual_seed(row)  # the posterior draw is fixed per pair
-        latents = backbone.encode(images, g).float()
-        total, _ = self.reward.score(images, [pair.prompt, pair.prompt])
-        return latents[0], latents[1], float(total[0]), float(total[1])
+    def _latent_shape(self, size) -> tuple[int, ...]:
+        return self.policy.backbone.latent_shape(1, size)[1:]
+
+    def _load(self, rows: list[int], size) -> dict[int, tuple[Tensor, Tensor]]:
+        """{row: (latents (2, C, h, w) winner first, rewards (2,))} of offline pairs `rows`, VAE-encoded and
+        scored sample.batch_size pairs at a time; a pair whose image does not decode is reported and left
+        out."""
+        backbone, out = self.policy.backbone, {}
+        for start in range(0, len(rows), self.sample.batch_size):
+            good, images = [], []
+            for row in rows[start : start + self.sample.batch_size]:
+                pair = self.data.pairs[row]
+                try:
+                    images += [load_image(item, size) for item in pair.images()]
+                    good.append(row)
+                except (BadImage, OSError) as e:  # OSError: a file removed after the data was read
+                    self.bad.add(row)
+                    self.data.skip(pair.where, str(e))
+            if not good:
+                continue
+            pixels = torch.stack(images).to(backbone.device)
+            # the posterior draw is fixed per image, whatever the chunking
+            gens = [torch.Generator(backbone.device).manual_seed(2 * r + k) for r in good for k in (0, 1)]
+            latents = backbone.encode(pixels, gens).float().view(len(good), 2, *self._latent_shape(size))
+            prompts = [self.data.pairs[r].prompt for r in good for _ in (0, 1)]
+            total, _ = self.reward.score(pixels, prompts)
+            scores = total.detach().float().cpu().view(len(good), 2)
+            out.update({r: (latents[i], scores[i]) for i, r in enumerate(good)})
+        return out
 
     def _online_pairs(self, batch: dict, size: int) -> dict:
         """Best vs worst of each group of `size` sampled images by the reward; groups without a spread
