@@ -32,7 +32,7 @@ CAPTIONS = [
 
 
 def color_reward():
-    return Combined({"shapes_color": rewards.build("shapes_color")})
+    return Combined({"shapes_color_soft": rewards.build("shapes_color_soft")})
 
 
 def perturb(policy, seed=0):
@@ -224,3 +224,39 @@ def test_offline_pairs_need_data_and_online_pairs_need_step_noise(sd_policy):
     deterministic = SampleSettings(num_steps=2, eta=0.0, batch_size=4)
     with pytest.raises(UserError, match="eta > 0"):
         DiffusionDPO(DiffusionDPOConfig(pairs="online"), sd_policy, color_reward(), deterministic)
+
+
+# --- online pairs (flow_grpo's OnlineDPO) ------------------------------------------------------------
+def test_online_pairs_share_x_T_and_the_reward_picks_the_winner(sd_policy):
+    strategy = DiffusionDPO(
+        DiffusionDPOConfig(pairs="online", group_size=2), sd_policy, color_reward(), SAMPLE
+    )
+    calls, handle = record_denoiser(sd_policy.backbone.unet)
+    try:
+        batch = strategy.collect([CAPTIONS[0], "x", CAPTIONS[1], "y"], torch.Generator().manual_seed(3))
+    finally:
+        handle.remove()
+    x_T = calls[0][0][4:]  # the first rollout call on [uncond, cond] x 4 samples: the cond half
+    assert torch.equal(x_T[0], x_T[1]) and torch.equal(x_T[2], x_T[3])
+    assert not torch.equal(x_T[0], x_T[2])
+    assert len(batch["x0"]) == batch["global_pairs"] >= 1
+    with torch.no_grad():
+        images = sd_policy.backbone.decode(batch["x0"].flatten(0, 1))
+    prompts = [p for p in batch["pair_prompts"] for _ in (0, 1)]
+    scores = color_reward().score(images, prompts)[0].view(-1, 2)
+    assert (scores[:, 0] > scores[:, 1]).all()  # winner first, by the configured reward
+
+
+def test_a_refreshed_reference_is_the_policy_of_that_step(sd_batch):
+    strategy, batch = sd_batch
+    strategy.config.ref_update_every, steps, ref = 2, strategy.steps, strategy.ref
+    try:
+        plan = strategy.plan(batch, 2, 2, torch.Generator().manual_seed(0))  # 4 steps of 1 pair
+        assert [step[0]["refresh_reference"] for step in plan] == [True, False, True, False]
+        loss, metrics = strategy.loss(plan[0][0])
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # policy == reference: no margin
+        assert metrics["rewards/margin"] == 0.0
+        state = strategy.state_dict()
+        assert all(torch.equal(r, p) for r, p in zip(state["ref"], strategy.policy.parameters(), strict=True))
+    finally:
+        strategy.config.ref_update_every, strategy.steps, strategy.ref = 0, steps, ref

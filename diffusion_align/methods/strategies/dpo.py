@@ -32,10 +32,13 @@ from diffusion_align.math.losses import diffusion_dpo_loss
 from diffusion_align.methods.distributed import LocalGroup
 from diffusion_align.methods.preference_data import BadImage, PairOrder, load_image, read_pairs
 from diffusion_align.methods.strategies.sampling import (
+    forward_noised,
     image_size,
     noise_seeds,
     per_sample_generators,
     sample_groups,
+    squared_error,
+    training_timesteps,
 )
 
 
@@ -98,7 +101,7 @@ class DiffusionDPO:
             batch = self._online_pairs(batch, size)
         keep = batch.pop("slots")
         gens = [gens[k] for k in keep]
-        batch["t"] = self._timesteps(gens)
+        batch["t"] = training_timesteps(self.policy.sampler, gens)
         drop = [torch.rand((), generator=g, device=g.device).item() for g in gens]
         prompts = [
             "" if d < self.config.empty_prompt_fraction else p
@@ -112,14 +115,6 @@ class DiffusionDPO:
         batch["global_pairs"] = int(total.sum().item())
         batch["metrics"]["preference/pairs"] = float(batch["global_pairs"])
         return batch
-
-    def _timesteps(self, gens) -> Tensor:
-        """t ~ U{0..T-1} per pair (SD); flow models: U[0, T) (sigma uniform in [0, 1))."""
-        train_steps = self.policy.sampler.scheduler.config.num_train_timesteps
-        draws = [torch.rand((), generator=g, device=g.device).item() for g in gens]
-        if hasattr(self.policy.sampler, "sigma_at"):
-            return torch.tensor(draws, dtype=torch.float32) * train_steps
-        return (torch.tensor(draws) * train_steps).long().clamp(max=train_steps - 1)
 
     def _collect_offline(self, n: int) -> dict:
         rows = self.order.take(n * self.group.world_size)[self.group.rank * n : (self.group.rank + 1) * n]
@@ -228,8 +223,8 @@ class DiffusionDPO:
         x_t, t, target, embeds = self.noised_pairs(batch, pairs)
         predict = self.policy.backbone.predict
         with torch.no_grad(), self._reference():  # before the policy: a weight swap must not meet a graph
-            ref_error = _squared_error(predict(x_t, t, embeds, 1.0), target)
-        error = _squared_error(predict(x_t, t, embeds, 1.0), target)
+            ref_error = squared_error(predict(x_t, t, embeds, 1.0), target)
+        error = squared_error(predict(x_t, t, embeds, 1.0), target)
         p = len(pairs)
         losses, reward_w, reward_l = diffusion_dpo_loss(
             error[:p], error[p:], ref_error[:p], ref_error[p:], cfg.beta, cfg.loss_type, cfg.beta_form
@@ -248,19 +243,11 @@ class DiffusionDPO:
         """(x_t, t, target, embeds) of pairs `pairs`, winners first then losers (2p rows); each pair's two
         images share one noise (re-drawn from its seed) and one t."""
         x0 = batch["x0"][pairs.to(batch["x0"].device)]
-        x0 = torch.cat([x0[:, 0], x0[:, 1]])
-        device = x0.device
-        noise = torch.stack(
-            [
-                torch.randn(x0.shape[1:], generator=torch.Generator(device).manual_seed(s), device=device)
-                for s in (batch["noise_seeds"][int(k)] for k in pairs)
-            ]
-        ).repeat(2, *([1] * (x0.ndim - 1)))
-        t = batch["t"][pairs].repeat(2).to(device)
-        sampler = self.policy.sampler
-        x_t = sampler.add_noise(x0, noise, t).to(self.policy.backbone.dtype)
+        seeds = [batch["noise_seeds"][int(k)] for k in pairs]
+        t = batch["t"][pairs].repeat(2).to(x0.device)
+        x_t, target = forward_noised(self.policy.sampler, torch.cat([x0[:, 0], x0[:, 1]]), seeds * 2, t)
         embeds = batch["embeds"][pairs.to(batch["embeds"].cond.device)]
-        return x_t, t, sampler.training_target(x0, noise, t), PromptEmbeds.cat([embeds, embeds])
+        return x_t.to(self.policy.backbone.dtype), t, target, PromptEmbeds.cat([embeds, embeds])
 
     def _reference(self):
         return self.policy.reference() if self.ref is None else self.policy.weights(self.ref)
@@ -280,8 +267,3 @@ class DiffusionDPO:
         device = self.policy.backbone.device
         self.ref = None if state["ref"] is None else [r.to(device) for r in state["ref"]]
         self.steps = int(state["steps"])
-
-
-def _squared_error(prediction: Tensor, target: Tensor) -> Tensor:
-    """(B,) mean over latent dims of (prediction - target)^2, in float32."""
-    return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, target.ndim)))
