@@ -53,7 +53,7 @@ class DiffusionDPOConfig:
     group_size: int = 2  # online: images per prompt from one x_T; best vs worst by the reward
     ref_update_every: int = 0  # optimizer steps between copies of the policy into the reference; 0 = base
     empty_prompt_fraction: float = 0.0  # captions replaced by "" (Salesforce train.py's default is 0.2)
-    cache_latents: bool = True  # offline: keep each pair's VAE latents after their first use
+    cache_latents: bool = True  # offline: keep each pair's VAE latents (host memory) after their first use
     num_inner_epochs: int = 1  # passes over each collected batch
 
 
@@ -130,7 +130,9 @@ class DiffusionDPO:
         return {
             "slots": slots,
             "pair_prompts": [self.data.pairs[rows[s]].prompt for s in slots],
-            "x0": torch.stack(latents) if latents else torch.zeros(0, 2, *self._latent_shape(size)),
+            "x0": (torch.stack(latents) if latents else torch.zeros(0, 2, *self._latent_shape(size))).to(
+                self.policy.backbone.device
+            ),
             "reward": scores.flatten(),  # the configured reward on the data's images, winner first
             "metrics": {
                 "preference/reward_agrees": (scores[:, 0] > scores[:, 1]).float().mean().item()
@@ -167,7 +169,9 @@ class DiffusionDPO:
             prompts = [self.data.pairs[r].prompt for r in good for _ in (0, 1)]
             total, _ = self.reward.score(pixels, prompts)
             scores = total.detach().float().cpu().view(len(good), 2)
-            out.update({r: (latents[i], scores[i]) for i, r in enumerate(good)})
+            out.update(
+                {r: (latents[i].cpu(), scores[i]) for i, r in enumerate(good)}
+            )  # cached in host memory
         return out
 
     def _online_pairs(self, batch: dict, size: int) -> dict:
