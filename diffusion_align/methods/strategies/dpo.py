@@ -53,6 +53,7 @@ class DiffusionDPOConfig:
     group_size: int = 2  # online: images per prompt from one x_T; best vs worst by the reward
     ref_update_every: int = 0  # optimizer steps between copies of the policy into the reference; 0 = base
     empty_prompt_fraction: float = 0.0  # captions replaced by "" (Salesforce train.py's default is 0.2)
+    noise_draws: int = 1  # (t, noise) draws per pair and epoch (the paper: 1; more = less gradient noise)
     cache_latents: bool = True  # offline: keep each pair's VAE latents (host memory) after their first use
     num_inner_epochs: int = 1  # passes over each collected batch
 
@@ -86,7 +87,8 @@ class DiffusionDPO:
     @torch.no_grad()
     def collect(self, prompts: list[str], generator) -> dict:
         """len(prompts) images = len(prompts) // 2 pairs (online: len(prompts) // group_size). Pair k draws
-        its t, noise seed and empty-prompt coin from generator 2k (group_size * k online)."""
+        its empty-prompt coin, then noise_draws t's and noise seeds from generator 2k (group_size * k
+        online)."""
         size = 2 if self.config.pairs == "offline" else self.config.group_size
         if len(prompts) < size or len(prompts) % size:
             raise UserError(
@@ -101,7 +103,6 @@ class DiffusionDPO:
             batch = self._online_pairs(batch, size)
         keep = batch.pop("slots")
         gens = [gens[k] for k in keep]
-        batch["t"] = training_timesteps(self.policy.sampler, gens)
         drop = [torch.rand((), generator=g, device=g.device).item() for g in gens]
         prompts = [
             "" if d < self.config.empty_prompt_fraction else p
@@ -109,11 +110,16 @@ class DiffusionDPO:
         ]
         backbone = self.policy.backbone
         embeds = backbone.encode_prompts(prompts or [""], guidance=False, size=image_size(self.sample))
-        batch["embeds"] = embeds[: len(prompts)]
-        batch["noise_seeds"] = noise_seeds(gens)
+        # noise_draws rows per pair, each with its own (t, noise): row j is pair j // noise_draws
+        k = self.config.noise_draws
+        batch["embeds"] = embeds[: len(prompts)].repeat_interleave(k)
+        batch["x0"] = batch["x0"].repeat_interleave(k, 0)
+        draws = [g for g in gens for _ in range(k)]
+        batch["t"] = training_timesteps(self.policy.sampler, draws)
+        batch["noise_seeds"] = noise_seeds(draws)
         total = self.group.gather(torch.tensor([len(keep)], device=backbone.device))
-        batch["global_pairs"] = int(total.sum().item())
-        batch["metrics"]["preference/pairs"] = float(batch["global_pairs"])
+        batch["global_pairs"] = int(total.sum().item()) * k
+        batch["metrics"]["preference/pairs"] = float(total.sum().item())
         return batch
 
     def _collect_offline(self, n: int) -> dict:
@@ -196,9 +202,11 @@ class DiffusionDPO:
 
     # --- plan ----------------------------------------------------------------------------------------
     def plan(self, batch: dict, batch_size: int, micro_batch_size: int, generator) -> list[list[dict]]:
-        """Sizes count images (2 per pair). Every process plans the same number of optimizer steps (pairs
-        over all processes / pairs per step) and spreads its own pairs over them."""
-        pairs_per_step, pairs_per_micro = max(1, batch_size // 2), max(1, micro_batch_size // 2)
+        """Sizes count images (2 per pair); the "pairs" of a micro-batch are rows (a pair's noise draws).
+        Every process plans the same number of optimizer steps (rows over all processes / rows per step)
+        and spreads its own rows over them."""
+        pairs_per_step = max(1, batch_size // 2) * self.config.noise_draws
+        pairs_per_micro = max(1, micro_batch_size // 2)
         n_opt = max(1, batch["global_pairs"] // (pairs_per_step * self.group.world_size))
         order = torch.randperm(len(batch["x0"]), generator=generator)
         plan = []
