@@ -260,3 +260,15 @@ def test_a_refreshed_reference_is_the_policy_of_that_step(sd_batch):
         assert all(torch.equal(r, p) for r, p in zip(state["ref"], strategy.policy.parameters(), strict=True))
     finally:
         strategy.config.ref_update_every, strategy.steps, strategy.ref = 0, steps, ref
+
+
+def test_noise_draws_give_each_pair_several_t_and_noise(sd_policy, tmp_path):
+    data = write_pairs(tmp_path, 2)
+    config = DiffusionDPOConfig(data=str(data), noise_draws=3)
+    strategy = DiffusionDPO(config, sd_policy, color_reward(), SAMPLE)
+    batch = strategy.collect(["ignored"] * 4, torch.Generator().manual_seed(0))
+    assert len(batch["x0"]) == 6 and batch["metrics"]["preference/pairs"] == 2
+    assert torch.equal(batch["x0"][0], batch["x0"][2]) and not torch.equal(batch["x0"][0], batch["x0"][3])
+    assert len(set(batch["t"].tolist())) == 6 and len(set(batch["noise_seeds"])) == 6
+    (step,) = strategy.plan(batch, 4, 4, torch.Generator().manual_seed(0))  # 2 pairs x 3 draws, one step
+    assert sum(len(m["pairs"]) for m in step) == 6
