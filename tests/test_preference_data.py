@@ -205,3 +205,23 @@ def test_a_thousand_rows_with_ten_bad_train_on_the_990_and_report_the_ten(tmp_pa
     assert summary["optimizer_steps"] >= 3
     assert len(strategy.cache) == 990 and not set(strategy.cache) & strategy.bad
     assert torch.cat([p.detach().flatten() for p in run.policy.parameters()]).isfinite().all()
+
+
+def test_the_pairs_command_writes_reward_labelled_pairs_the_reader_reads(tmp_path):
+    from diffusion_align.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model: {pretrained: tiny-sd}\nsample: {num_steps: 2, batch_size: 4, guidance_scale: 1.0}\n"
+        "rewards: [{name: jpeg_compressibility}]\nprompts: {train: shapes_train}\n"
+    )
+    assert main(["pairs", str(config), "--out", str(tmp_path / "pairs"), "--count", "3"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "pairs" / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["label_0"] == (
+            0.5 if row["reward_0"] == row["reward_1"] else float(row["reward_0"] > row["reward_1"])
+        )
+    data = read_pairs(str(tmp_path / "pairs" / "pairs.jsonl"))
+    assert len(data.pairs) + data.ties == 3 and not data.skipped
+    assert main(["pairs", str(config), "--out", str(tmp_path / "pairs"), "--count", "1"]) == 2  # not empty
