@@ -272,3 +272,21 @@ def test_noise_draws_give_each_pair_several_t_and_noise(sd_policy, tmp_path):
     assert len(set(batch["t"].tolist())) == 6 and len(set(batch["noise_seeds"])) == 6
     (step,) = strategy.plan(batch, 4, 4, torch.Generator().manual_seed(0))  # 2 pairs x 3 draws, one step
     assert sum(len(m["pairs"]) for m in step) == 6
+
+
+def test_offline_pairs_resume_in_the_same_order_and_the_order_follows_the_run_seed(sd_policy, tmp_path):
+    data = write_pairs(tmp_path, 5)
+
+    def make():
+        return DiffusionDPO(DiffusionDPOConfig(data=str(data)), sd_policy, color_reward(), SAMPLE)
+
+    first = make()
+    first.collect(["ignored"] * 4, torch.Generator().manual_seed(0))
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    a = first.collect(["ignored"] * 4, torch.Generator().manual_seed(1))
+    b = resumed.collect(["ignored"] * 4, torch.Generator().manual_seed(1))
+    assert torch.equal(a["x0"], b["x0"]) and a["pair_prompts"] == b["pair_prompts"]
+    other = make()
+    other.collect(["ignored"] * 4, torch.Generator().manual_seed(7))
+    assert other.order.seed != first.order.seed

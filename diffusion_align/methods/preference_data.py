@@ -268,10 +268,10 @@ def load_image(item, size: tuple[int, int]) -> torch.Tensor:
 
 
 class PairOrder:
-    """The order pairs are used in: a fresh permutation of all pairs per pass (seeded by the pass number),
-    read from a cursor that is checkpointed, so a resumed run continues with the same pairs."""
+    """The order pairs are used in: a fresh permutation of all pairs per pass (seeded by `seed` and the pass
+    number), read from a cursor that is checkpointed, so a resumed run continues with the same pairs."""
 
-    def __init__(self, count: int, seed: int = 0):
+    def __init__(self, count: int, seed: int | None = 0):
         self.count, self.seed = count, seed
         self.position = 0  # pairs handed out so far, over all passes
 

@@ -77,7 +77,7 @@ class DiffusionDPO:
         self.group = group or LocalGroup()
         self.num_inner_epochs = config.num_inner_epochs
         self.data = read_pairs(config.data, config.data_split) if config.pairs == "offline" else None
-        self.order = PairOrder(len(self.data.pairs)) if self.data else None
+        self.order = PairOrder(len(self.data.pairs), seed=None) if self.data else None
         self.cache: dict[int, tuple[Tensor, Tensor]] = {}  # offline row -> (latents (2, ...), rewards (2,))
         self.bad: set[int] = set()  # offline pairs whose images did not decode
         self.ref: list[Tensor] | None = None  # the refreshed reference's LoRA weights (ref_update_every)
@@ -97,6 +97,9 @@ class DiffusionDPO:
         every = per_sample_generators(generator, len(prompts), self.policy.backbone.device)
         gens = every[0::size]
         if self.config.pairs == "offline":
+            if self.order.seed is None:  # the data order follows the run's seed, the same on every process
+                seed = torch.randint(0, 2**62, (1,), generator=gens[0], device=gens[0].device)
+                self.order.seed = int(self.group.gather(seed)[0])
             batch = self._collect_offline(len(gens))
         else:
             batch = sample_groups(self, prompts, every, size, True, "diffusion_dpo")  # x_T per group
@@ -233,10 +236,10 @@ class DiffusionDPO:
         if len(pairs) == 0:
             return sum(p.sum() * 0.0 for p in self.policy.parameters()), {}
         x_t, t, target, embeds = self.noised_pairs(batch, pairs)
-        predict = self.policy.backbone.predict
+        output = self.policy.denoiser_output
         with torch.no_grad(), self._reference():  # before the policy: a weight swap must not meet a graph
-            ref_error = squared_error(predict(x_t, t, embeds, 1.0), target)
-        error = squared_error(predict(x_t, t, embeds, 1.0), target)
+            ref_error = squared_error(output(x_t, t, embeds), target)
+        error = squared_error(output(x_t, t, embeds), target)
         p = len(pairs)
         losses, reward_w, reward_l = diffusion_dpo_loss(
             error[:p], error[p:], ref_error[:p], ref_error[p:], cfg.beta, cfg.loss_type, cfg.beta_form
@@ -267,6 +270,7 @@ class DiffusionDPO:
     def state_dict(self) -> dict:
         return {
             "position": self.order.position if self.order else 0,
+            "order_seed": self.order.seed if self.order else None,
             "bad": sorted(self.bad),
             "ref": None if self.ref is None else [r.cpu() for r in self.ref],
             "steps": self.steps,
@@ -274,7 +278,7 @@ class DiffusionDPO:
 
     def load_state_dict(self, state: dict) -> None:
         if self.order:
-            self.order.position = int(state["position"])
+            self.order.position, self.order.seed = int(state["position"]), state["order_seed"]
         self.bad = set(state["bad"])
         device = self.policy.backbone.device
         self.ref = None if state["ref"] is None else [r.to(device) for r in state["ref"]]

@@ -89,7 +89,7 @@ class RewardSFT:
         t = batch["t"][rows].to(x0.device)
         x_t, target = forward_noised(self.policy.sampler, x0, seeds, t)
         embeds = batch["embeds"][batch["kept"][rows].to(x0.device)]
-        prediction = self.policy.backbone.predict(x_t.to(self.policy.backbone.dtype), t, embeds, 1.0)
+        prediction = self.policy.denoiser_output(x_t.to(self.policy.backbone.dtype), t, embeds)
         loss = squared_error(prediction, target).mean()
         return loss, {"denoising_mse": loss.item()}
 
