@@ -192,7 +192,7 @@ def test_micro_batches_accumulate_to_the_whole_step(sd_batch):
     (whole,) = strategy.plan(batch, 8, 8, torch.Generator().manual_seed(1))
     (split,) = strategy.plan(batch, 8, 2, torch.Generator().manual_seed(1))
     assert len(whole) == 1 and len(split) == 4
-    assert_same_grads(accumulated_grads(strategy, whole), accumulated_grads(strategy, split))
+    assert_same_grads(accumulated_grads(strategy, whole), accumulated_grads(strategy, split), tol=1e-4)
 
 
 # --- flow models: velocity error ---------------------------------------------------------------------
