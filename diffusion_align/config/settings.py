@@ -195,6 +195,11 @@ _STRATEGY_RANGES = {
         truncation_fixed=at_least(0), loss_scale=Range(),
     ),
     "draft": dict(k=at_least(0), lv_draws=at_least(0), loss_scale=Range()),
+    "diffusion_dpo": dict(
+        beta=POSITIVE, group_size=at_least(2), ref_update_every=at_least(0),
+        empty_prompt_fraction=PROBABILITY, num_inner_epochs=at_least(1), noise_draws=at_least(1),
+    ),
+    "reward_sft": dict(group_size=at_least(1), keep_fraction=FRACTION, num_inner_epochs=at_least(1)),
 }  # fmt: skip
 for _name, _ranges in _STRATEGY_RANGES.items():
     add_ranges(STRATEGY_CONFIGS[_name], **_ranges)

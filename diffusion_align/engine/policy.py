@@ -59,6 +59,11 @@ class Policy:
         out = self.backbone.predict(x_t, t_in, embeds, guidance_scale)
         return self.sampler.transition(out, t, x_t, num_steps)
 
+    def denoiser_output(self, x_t: Tensor, t: Tensor, embeds) -> Tensor:
+        """The conditional denoiser output (no guidance) at a forward-process x_t and t ((B,), one per
+        sample): what the denoising objectives (Diffusion-DPO, reward-filtered SFT) compare with a target."""
+        return self.backbone.predict(x_t, t.to(x_t.device), embeds, 1.0)
+
     def log_prob(
         self, x_t: Tensor, x_prev: Tensor, t: Tensor, embeds, guidance_scale: float, num_steps: int
     ) -> Tensor:

@@ -145,3 +145,7 @@ class FlowMatchSampler:
         """The forward process at timestep t: (1 - sigma) x0 + sigma noise, sigma = `sigma_at(t)`."""
         sigma = self.sigma_at(t, x0)
         return (1 - sigma) * x0 + sigma * noise
+
+    def training_target(self, x0: Tensor, noise: Tensor, t) -> Tensor:
+        """The velocity the denoiser is trained to output at any t: d x_t / d sigma = noise - x0."""
+        return noise - x0

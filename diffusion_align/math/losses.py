@@ -7,11 +7,14 @@ Formulas (anchors §2):
   gradient); loss = -log sigmoid(beta * log r_win - beta * log r_lose).
 - PRDP: per-step log-ratios h_t = logp_theta - logp_ref, proximally clipped to h_old_t +- e; trajectory value
   h = mean_t h_t; pair loss = max((h_a - h_b - (r_a - r_b) / beta)^2, same with clipped h).
+- Diffusion-DPO: d = (|e_ref_w|^2 - |e_ref_l|^2) - (|e_w|^2 - |e_l|^2) of the denoising errors (mean over
+  latent dims) at a shared noise and t; sigmoid loss = -log sigmoid(beta * s * d) (`diffusion_dpo_loss`: s).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -176,3 +179,44 @@ def nft_loss(v: Tensor, v_old: Tensor, x_t: Tensor, x0: Tensor, t: Tensor, r: Te
         losses.append(((x0_hat - x0) ** 2 / weight).mean(dim=dims))
     positive, negative = losses
     return (r * positive + (1 - r) * negative) / beta
+
+
+# Diffusion-DPO's two published beta forms, as the factor s in beta * s * d: the paper's code (Salesforce
+# train.py) writes -0.5 * beta * (model_diff - ref_diff) with beta 5000, diffusers' research example
+# beta * (ref_diff - model_diff) with default beta 2500: beta 5000 in the first is beta 2500 in the second.
+# (The example's ipo branch reads an undefined `args.beta`; ours uses the configured beta.)
+DPO_BETA_SCALE = {"salesforce": 0.5, "diffusers": 1.0}
+
+
+def diffusion_dpo_loss(
+    error_w: Tensor,
+    error_l: Tensor,
+    ref_error_w: Tensor,
+    ref_error_l: Tensor,
+    beta: float,
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid",
+    beta_form: Literal["salesforce", "diffusers"] = "salesforce",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Diffusion-DPO per pair (Wallace et al. 2024; anchors 2.6). All inputs (P,): the mean squared denoising
+    errors of winner and loser (same noise, same t) under the policy (with gradient) and the reference.
+
+    h = s * ((ref_error_w - error_w) - (ref_error_l - error_l)), s from DPO_BETA_SCALE[beta_form];
+    sigmoid: -log sigmoid(beta h); hinge: relu(1 - beta h); ipo: (h - 1 / (2 beta))^2 (diffusers' example).
+    Returns (loss (P,), implicit reward of the winner beta * s * (ref_error_w - error_w) (P,), of the loser
+    (P,)), the rewards detached: their difference is the margin, its sign the implicit accuracy.
+    """
+    if beta_form not in DPO_BETA_SCALE:
+        raise ValueError(f"unknown beta_form {beta_form!r}: {' or '.join(DPO_BETA_SCALE)}")
+    s = DPO_BETA_SCALE[beta_form]
+    gain_w = ref_error_w.detach() - error_w
+    gain_l = ref_error_l.detach() - error_l
+    h = s * (gain_w - gain_l)
+    if loss_type == "sigmoid":
+        loss = -torch.nn.functional.logsigmoid(beta * h)
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown Diffusion-DPO loss_type {loss_type!r}: sigmoid, hinge or ipo")
+    return loss, beta * s * gain_w.detach(), beta * s * gain_l.detach()

@@ -47,7 +47,8 @@ class Sampler(Protocol):
     log_prob(x_prev, mean, std) -> (B,) and kl(mean_p, mean_q, std) -> (B,): what the likelihood methods
         (DDPO, D3PO, PRDP, Flow-GRPO) score stored steps with (`gaussian_log_prob`/`gaussian_kl` here).
         Samplers without Gaussian transitions (`SchedulerSampler`) raise; rollouts still work.
-    add_noise(x0, noise, t): a draw of the forward process q(x_t | x0) (DRaFT-LV re-noising, offline data).
+    add_noise(x0, noise, t): a draw of the forward process q(x_t | x0) (DRaFT-LV re-noising, offline data);
+    training_target(x0, noise, t): what the denoiser should output at that x_t (Diffusion-DPO, SFT).
     eta: the default noise level of `step`/`transition`; init_noise_sigma: the scale of x_T.
     """
 
@@ -67,6 +68,8 @@ class Sampler(Protocol):
     def kl(self, mean_p: Tensor, mean_q: Tensor, std: Tensor) -> Tensor: ...
 
     def add_noise(self, x0: Tensor, noise: Tensor, t) -> Tensor: ...
+
+    def training_target(self, x0: Tensor, noise: Tensor, t) -> Tensor: ...
 
 
 def gaussian_step(
@@ -135,9 +138,26 @@ class DDIMSampler:
         return gaussian_kl(mean_p, mean_q, std)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t) -> Tensor:
-        """sqrt(a_t) x0 + sqrt(1 - a_t) noise, a_t = alpha_bar at the timestep t (an int or 0-d tensor)."""
-        a = self.alphas_cumprod[int(t)].float().to(x0.device)
+        """sqrt(a_t) x0 + sqrt(1 - a_t) noise, a_t = alpha_bar at the timestep t (an int, or (B,) one per
+        sample)."""
+        a = self._alpha_bar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def training_target(self, x0: Tensor, noise: Tensor, t) -> Tensor:
+        """What the denoiser is trained to output for x_t = add_noise(x0, noise, t), per the scheduler's
+        prediction type: the noise (epsilon), the velocity sqrt(a_t) noise - sqrt(1 - a_t) x0 (v_prediction)
+        or x0 (sample)."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            a = self._alpha_bar(t, x0)
+            return a.sqrt() * noise - (1 - a).sqrt() * x0
+        return x0
+
+    def _alpha_bar(self, t, like: Tensor) -> Tensor:
+        index = torch.as_tensor(t, device="cpu").long().reshape(-1)
+        shape = (-1,) + (1,) * (like.ndim - 1)
+        return self.alphas_cumprod[index].float().view(shape).to(like.device)
 
     def _alphas(self, t: Tensor | int, num_steps: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """alpha_bar at t and at t - T/num_steps (final_alpha_cumprod below 0), broadcastable on `like`."""

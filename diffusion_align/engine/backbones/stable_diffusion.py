@@ -203,9 +203,16 @@ class StableDiffusionBackbone:
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] -> scaled latents (B, C, h, w), sampled from the VAE posterior."""
-        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        mean, std = self._latent_stats(dist.mean)
-        return (dist.sample(generator) - mean) * self.vae.config.scaling_factor / std
+        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        if upcast:  # as in decode: SDXL's VAE overflows in fp16, so a float32 copy encodes
+            self.vae.float()
+        try:
+            dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+            mean, std = self._latent_stats(dist.mean)
+            return (dist.sample(generator) - mean) * self.vae.config.scaling_factor / std
+        finally:
+            if upcast:
+                self.vae.to(torch.float16)
 
     def latent_shape(self, batch_size: int, size: tuple[int, int] | None = None) -> tuple[int, ...]:
         """(B, C, H/f, W/f) for images of `size` (height, width; None = the model's default)."""

@@ -66,6 +66,14 @@ STRATEGIES: dict[str, tuple[str, str]] = {
         "diffusion_align.methods.strategies.reward_backprop:DRaFTConfig",
         "diffusion_align.methods.strategies.reward_backprop:DRaFT",
     ),
+    "diffusion_dpo": (
+        "diffusion_align.methods.strategies.dpo:DiffusionDPOConfig",
+        "diffusion_align.methods.strategies.dpo:DiffusionDPO",
+    ),
+    "reward_sft": (
+        "diffusion_align.methods.strategies.sft:RewardSFTConfig",
+        "diffusion_align.methods.strategies.sft:RewardSFT",
+    ),
     "prdp": (
         "diffusion_align.methods.strategies.prdp:PRDPConfig",
         "diffusion_align.methods.strategies.prdp:PRDP",

@@ -73,6 +73,35 @@ def noise_seeds(gens: list[torch.Generator]) -> list[int]:
     return [int(torch.randint(0, 2**62, (), generator=g, device=g.device)) for g in gens]
 
 
+def training_timesteps(sampler, gens: list[torch.Generator]) -> Tensor:
+    """One forward-process t per generator, uniform over the training timesteps (the denoising objective):
+    U{0..T-1} for DDIM models; U[0, T) for flow samplers, whose sigma = t / T is then uniform in [0, 1)."""
+    train_steps = sampler.scheduler.config.num_train_timesteps
+    draws = torch.tensor([torch.rand((), generator=g, device=g.device).item() for g in gens])
+    if hasattr(sampler, "sigma_at"):
+        return draws.float() * train_steps
+    return (draws * train_steps).long().clamp(max=train_steps - 1)
+
+
+def forward_noised(sampler, x0: Tensor, seeds: list[int], t: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_t, target) of latents x0 (N, ...): noise drawn from each row's seed (the same whatever the
+    micro-batching), x_t = sampler.add_noise(x0, noise, t), and the denoiser's training target there."""
+    device = x0.device
+    noise = torch.stack(
+        [
+            torch.randn(x0.shape[1:], generator=torch.Generator(device).manual_seed(s), device=device)
+            for s in seeds
+        ]
+    )
+    t = t.to(device)
+    return sampler.add_noise(x0, noise, t), sampler.training_target(x0, noise, t)
+
+
+def squared_error(prediction: Tensor, target: Tensor) -> Tensor:
+    """(B,) mean over the latent dims of (prediction - target)^2, in float32 (the denoising loss)."""
+    return ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, target.ndim)))
+
+
 def image_size(sample) -> tuple[int, int] | None:
     return (sample.height, sample.width) if sample.height and sample.width else None
 
