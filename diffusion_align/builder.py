@@ -32,11 +32,12 @@ from diffusion_align.config.registry import (
     custom_components,
 )
 from diffusion_align.config.settings import Config
-from diffusion_align.errors import UserError
+from diffusion_align.errors import ConfigError, UserError
 from diffusion_align.methods.distributed import AccelerateGroup, LocalGroup
 from diffusion_align.methods.strategies import strategy_class
 from diffusion_align.prompts import load_prompts
 from diffusion_align.training.epoch_draws import derive_seed
+from diffusion_align.training.guard import Guard
 from diffusion_align.training.trainer import Trainer
 from diffusion_align.training.training_run import EvalSampling, RunOptions, TrainingRun
 
@@ -74,6 +75,7 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
     policy = build_policy(backbone, config.sample, config.lora)
     reward = build_reward(config.rewards, acc.device, record=True)  # the trainer logs every call
     eval_reward = build_reward(config.eval_rewards, acc.device) if config.eval_rewards else None
+    guard = build_guard(config, reward, eval_reward)
     group = AccelerateGroup(acc)
     strategy = build_strategy(config, policy, reward, group)
     optimizer = torch.optim.AdamW(
@@ -112,7 +114,40 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
         eval_prompts=eval_prompts,
         folder=folder,
         options=run_options(config),
+        guard=guard,
     )
+
+
+def build_guard(config: Config, reward, eval_reward) -> Guard | None:
+    """The guard on `guard.gold` (an eval reward never optimised; None picks the first such one), or None
+    when there is none; one-line errors for guard options that cannot work."""
+    g, trained = config.guard, set(reward.names)
+    held_out = [
+        f"extra/{n}" for n in (eval_reward.names if eval_reward is not None else []) if n not in trained
+    ]
+    gold = g.gold if g.gold is not None else (held_out[0] if held_out else None)
+    if gold is not None and gold not in held_out:
+        optimised = gold.removeprefix("extra/") in trained
+        raise ConfigError(
+            f"guard.gold={gold} is {'an optimised reward' if optimised else 'not an eval reward'}: choose "
+            f"one of {held_out or 'the eval_rewards (none is configured that is not optimised)'}"
+        )
+    wanted = (("checkpoint.keep_best", config.checkpoint.keep_best), ("guard.patience", g.patience))
+    needs = [key for key, on in wanted if on]
+    if gold is None and needs:
+        raise ConfigError(
+            f"{needs[0]} needs a gold metric: add an eval_rewards entry that is not optimised (e.g. "
+            "shapes_match) or set guard.gold"
+        )
+    if g.final == "best" and not config.checkpoint.keep_best:
+        raise ConfigError(
+            "guard.final=best needs checkpoint.keep_best=true (the best checkpoint is what it exports)"
+        )
+    if g.patience and not config.logging.eval_every:
+        raise ConfigError("guard.patience needs evaluations during training: set logging.eval_every > 0")
+    if gold is None:
+        return None
+    return Guard(gold, "reward", g.patience, g.margin, g.noise_multiple)
 
 
 def build_strategy(config: Config, policy, reward, group=None):
@@ -155,6 +190,8 @@ def run_options(config: Config) -> RunOptions:
         wandb=log.wandb,
         wandb_project=log.wandb_project,
         config_dict=to_dict(config),
+        keep_best=ckpt.keep_best,
+        final_best=config.guard.final == "best",
     )
 
 

@@ -112,6 +112,9 @@ class CheckpointSettings:
     keep_last: int = 3  # older checkpoints are deleted
     resume: str | None = None  # "latest" (in output_dir) or a checkpoint folder
     export_merged: bool = False  # also save the LoRA merged into a full pipeline at the end
+    # also keep, in checkpoints/best/ (never rotated away by keep_last), the checkpoint whose evaluation
+    # scored best on guard.gold; guard.json in the run folder records which epoch and value
+    keep_best: bool = False
 
 
 @dataclass
@@ -122,6 +125,21 @@ class LoggingSettings:
     log_every: int = 1  # epochs
     eval_every: int = 10  # epochs between evaluation grids on the eval prompts (0 = only before/after)
     progress: bool = True  # tqdm bars
+
+
+@dataclass
+class GuardSettings:
+    """Reward-hacking guards: watch a held-out gold metric beside the optimised proxy at every evaluation."""
+
+    # eval metric to guard with, "extra/<name>" of an eval_rewards entry that is not optimised; None = the
+    # first eval reward's (no guard without eval_rewards). Its curve against the proxy: guard_curve.png
+    gold: str | None = None
+    # early stop when gold stays more than `margin` below its best for this many evaluations in a row while
+    # the proxy (the eval "reward") is above its value at gold's best; 0 = never stop early
+    patience: int = 0
+    margin: float | None = None  # in gold's units; None = noise_multiple x gold's standard error at "before"
+    noise_multiple: float = 1.0  # how many standard errors of gold's eval mean make a fall real
+    final: Literal["last", "best"] = "last"  # the run's lora/: last weights, or best gold (needs keep_best)
 
 
 @dataclass
@@ -137,6 +155,7 @@ class Config:
     train: TrainSettings = field(default_factory=TrainSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    guard: GuardSettings = field(default_factory=GuardSettings)
     output_dir: str = "runs/default"  # run folder: config.yaml, checkpoints/, logs/, samples/, lora/
 
 
@@ -173,6 +192,7 @@ add_ranges(
 )
 add_ranges(CheckpointSettings, every=at_least(1), keep_last=at_least(1))
 add_ranges(LoggingSettings, log_every=at_least(1), eval_every=at_least(0))
+add_ranges(GuardSettings, patience=at_least(0), margin=NON_NEGATIVE, noise_multiple=NON_NEGATIVE)
 _STRATEGY_RANGES = {
     "ddpo": dict(
         clip_range=POSITIVE, adv_clip_max=POSITIVE, num_inner_epochs=at_least(1), timestep_fraction=FRACTION,

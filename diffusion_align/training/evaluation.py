@@ -19,7 +19,8 @@ from diffusion_align.images import save_grid
 
 @torch.no_grad()
 def evaluate(policy, reward, eval_reward, prompts, sampling, autocast, grid: Path, progress: bool):
-    """({"reward": mean raw total, "reward/<name>": ..., "extra/<name>": ...}, the grid's path).
+    """({"reward": mean raw total, "reward/<name>": ..., "extra/<name>": ...}, the grid's path, the same keys
+    per-image scores as lists: {key: [score of image i]}).
     `reward` is the training reward (its `components`, `raw_total`, `names`), `eval_reward` extra rewards
     or None, `sampling` a `training_run.EvalSampling`, `autocast` a context-manager factory."""
     s, backbone = sampling, policy.backbone
@@ -51,4 +52,8 @@ def evaluate(policy, reward, eval_reward, prompts, sampling, autocast, grid: Pat
     if bad:
         raise UserError(f"non-finite evaluation reward ({bad[0]}) at '{grid.stem}'; check the reward model")
     captions = [f"{p} [{r:.3g}]" for p, r in zip(prompts, total.tolist(), strict=True)]
-    return result, save_grid(torch.cat(images), grid, captions=captions)
+    per_image = {"reward": total.tolist()}
+    per_image.update(
+        {k if k.startswith("extra/") else f"reward/{k}": v.tolist() for k, v in components.items()}
+    )
+    return result, save_grid(torch.cat(images), grid, captions=captions), per_image
