@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion_align.bundled import BUNDLED, bundled_path
 from diffusion_align.config import run_folder
 from diffusion_align.config.loading import config_yaml, to_dict
 from diffusion_align.config.registry import (
@@ -76,6 +77,7 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
     reward = build_reward(config.rewards, acc.device, record=True)  # the trainer logs every call
     eval_reward = build_reward(config.eval_rewards, acc.device) if config.eval_rewards else None
     guard = build_guard(config, reward, eval_reward)
+    diversity = build_diversity(config, acc.device)
     group = AccelerateGroup(acc)
     strategy = build_strategy(config, policy, reward, group)
     optimizer = torch.optim.AdamW(
@@ -115,7 +117,28 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
         folder=folder,
         options=run_options(config),
         guard=guard,
+        diversity=diversity,
     )
+
+
+def build_diversity(config: Config, device):
+    """The CLIP image tower that measures eval diversity (`guard.diversity_model`), or None."""
+    name, model = config.guard.diversity_model, config.model.pretrained
+    if name is None:  # automatic: the bundled world's own CLIP, when there are image pairs to compare
+        if model not in BUNDLED or config.prompts.eval_images_per_prompt < 2:
+            return None
+        name = "shapes-clip"
+    if name == "off":
+        return None
+    if config.prompts.eval_images_per_prompt < 2:
+        raise ConfigError(
+            f"guard.diversity_model={name} compares the images of each eval prompt: set "
+            "prompts.eval_images_per_prompt >= 2 (or guard.diversity_model=off)"
+        )
+    from rewards.diversity import ClipDiversity
+
+    path = bundled_path(name) if name in BUNDLED else name
+    return ClipDiversity.from_pretrained(path).to(device)
 
 
 def build_guard(config: Config, reward, eval_reward) -> Guard | None:
@@ -192,6 +215,7 @@ def run_options(config: Config) -> RunOptions:
         config_dict=to_dict(config),
         keep_best=ckpt.keep_best,
         final_best=config.guard.final == "best",
+        collapse_fraction=config.guard.collapse_fraction,
     )
 
 

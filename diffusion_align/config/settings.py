@@ -140,6 +140,13 @@ class GuardSettings:
     margin: float | None = None  # in gold's units; None = noise_multiple x gold's standard error at "before"
     noise_multiple: float = 1.0  # how many standard errors of gold's eval mean make a fall real
     final: Literal["last", "best"] = "last"  # the run's lora/: last weights, or best gold (needs keep_best)
+    # CLIP (hub id, folder, or shapes-clip) whose image embeddings measure per-prompt diversity of the eval
+    # images (logged as eval "diversity"; needs prompts.eval_images_per_prompt >= 2); None = shapes-clip on
+    # the bundled models, none on others; "off" = none
+    diversity_model: str | None = None
+    collapse_fraction: float = (
+        0.5  # warn when diversity falls below this fraction of its value before training
+    )
 
 
 @dataclass
@@ -192,7 +199,13 @@ add_ranges(
 )
 add_ranges(CheckpointSettings, every=at_least(1), keep_last=at_least(1))
 add_ranges(LoggingSettings, log_every=at_least(1), eval_every=at_least(0))
-add_ranges(GuardSettings, patience=at_least(0), margin=NON_NEGATIVE, noise_multiple=NON_NEGATIVE)
+add_ranges(
+    GuardSettings,
+    patience=at_least(0),
+    margin=NON_NEGATIVE,
+    noise_multiple=NON_NEGATIVE,
+    collapse_fraction=NON_NEGATIVE,
+)
 _STRATEGY_RANGES = {
     "ddpo": dict(
         clip_range=POSITIVE, adv_clip_max=POSITIVE, num_inner_epochs=at_least(1), timestep_fraction=FRACTION,

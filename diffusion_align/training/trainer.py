@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_align.errors import UserError
+from diffusion_align.errors import UserError, warn
 from diffusion_align.training import run_checkpoint
 from diffusion_align.training.across_processes import mean_dicts, mean_over_processes, reward_metrics
 from diffusion_align.training.epoch_draws import epoch_prompts, plan_generator, sample_generators
@@ -50,7 +50,7 @@ class Trainer:
         self.reward, self.eval_reward = run.reward, run.eval_reward
         self.optimizer, self.scheduler, self.folder = run.optimizer, run.scheduler, run.folder
         self.train_prompts, self.eval_prompts = run.train_prompts, run.eval_prompts
-        self.guard = run.guard
+        self.guard, self.diversity = run.guard, run.diversity
         acc, o = self.accelerator, self.options
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         self.local_samples, self.local_batch = o.samples_per_epoch // self.world, o.batch_size // self.world
@@ -118,7 +118,7 @@ class Trainer:
                     print(f"diffusion-align: early stop at epoch {self.epoch}: {self.guard.stop_reason}")
                 break
         eval_after, _ = self.evaluate("after")
-        if self.guard is not None and self.guard.last_epoch != self.epoch:  # not re-judged after a stop
+        if self.guard is None or self.guard.last_epoch != self.epoch:  # not re-judged after a stop
             self.watch(eval_after)
         self.history.append({"epoch": self.epoch, "eval_reward": eval_after["reward"]})
         self.tracker.log({f"eval/{k}": v for k, v in eval_after.items()}, self.epoch, self.global_step)
@@ -200,6 +200,7 @@ class Trainer:
                 self.accelerator.autocast,
                 self.run_dir / "samples" / f"{name}.png",
                 self.options.progress,
+                self.diversity,
             )
             self.tracker_image(f"samples/{name}", path)
         if self.world > 1:
@@ -212,6 +213,7 @@ class Trainer:
     def watch(self, evaluation: dict[str, float], scores: dict | None = None, save_best: bool = True) -> bool:
         """Show the guard an evaluation of the current weights; True when its gold is a new best (then,
         with `save_best`, that checkpoint is kept now)."""
+        self.warn_collapse(evaluation)
         if self.guard is None or not evaluation:
             return False
         best = self.guard.observe(self.epoch, evaluation, (scores or {}).get(self.guard.gold))
@@ -220,6 +222,16 @@ class Trainer:
         if self.is_main:
             self.guard.write(self.run_dir, best_checkpoint=self.best_dir() and str(self.best_dir()))
         return best
+
+    def warn_collapse(self, evaluation: dict[str, float]) -> None:
+        before, now = (self.eval_before or {}).get("diversity"), evaluation.get("diversity")
+        fraction = self.options.collapse_fraction
+        if self.is_main and None not in (before, now) and evaluation is not self.eval_before:
+            if now < fraction * before:
+                warn(
+                    f"eval diversity {now:.3g} at epoch {self.epoch} is below {fraction:g} x its "
+                    f"{before:.3g} before training: the model may be collapsing to one image per prompt"
+                )
 
     def guard_metrics(self) -> dict[str, float]:
         g = self.guard
