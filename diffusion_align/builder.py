@@ -182,7 +182,7 @@ def build_strategy(config: Config, policy, reward, group=None):
 
 def run_options(config: Config) -> RunOptions:
     """The config's plain values the training loop reads."""
-    t, s, log, ckpt = config.train, config.sample, config.logging, config.checkpoint
+    t, log, ckpt = config.train, config.logging, config.checkpoint
     strategy = type(config.strategy).__name__.removesuffix("Config")
     return RunOptions(
         output_dir=Path(config.output_dir),
@@ -194,15 +194,7 @@ def run_options(config: Config) -> RunOptions:
         max_grad_norm=t.max_grad_norm,
         base_model=config.model.pretrained,
         title=f"{strategy} on {config.model.pretrained}",
-        eval=EvalSampling(
-            num_steps=s.num_steps,
-            guidance_scale=s.guidance_scale,
-            eta=s.eta,
-            batch_size=s.batch_size,
-            seed=s.seed,
-            negative_prompt=s.negative_prompt,
-            size=(s.height, s.width) if s.height and s.width else None,
-        ),
+        eval=eval_sampling(config.sample),
         eval_every=log.eval_every,
         log_every=log.log_every,
         progress=log.progress,
@@ -217,6 +209,12 @@ def run_options(config: Config) -> RunOptions:
         final_best=config.guard.final == "best",
         collapse_fraction=config.guard.collapse_fraction,
     )
+
+
+def eval_sampling(s) -> EvalSampling:
+    """How evaluation images are drawn, from the `sample` settings `s`."""
+    size = (s.height, s.width) if s.height and s.width else None
+    return EvalSampling(s.num_steps, s.guidance_scale, s.eta, s.batch_size, s.seed, s.negative_prompt, size)
 
 
 def _check_batch_sizes(config: Config, world: int) -> None:

@@ -19,6 +19,7 @@ COMMANDS = {
     "score": "score",
     "zoo": "zoo",
     "reno": "reno",
+    "soup": "soup",
 }
 
 
