@@ -212,16 +212,19 @@ _STRATEGY_RANGES = {
         timestep_window=FRACTION, group_size=at_least(1), stat_buffer_size=at_least(1),
         stat_min_count=at_least(0), beta=NON_NEGATIVE,
     ),
-    "d3po": dict(beta=POSITIVE, eps=NON_NEGATIVE, num_inner_epochs=at_least(1), timestep_fraction=FRACTION),
+    "d3po": dict(
+        beta=POSITIVE, eps=NON_NEGATIVE, num_inner_epochs=at_least(1), timestep_fraction=FRACTION,
+        kl_beta=NON_NEGATIVE,
+    ),
     "prdp": dict(
         group_size=at_least(2), beta=POSITIVE, eps=POSITIVE,
-        timestep_window=FRACTION, num_inner_epochs=at_least(1),
+        timestep_window=FRACTION, num_inner_epochs=at_least(1), kl_beta=NON_NEGATIVE,
     ),
     "alignprop": dict(
         truncation_std=NON_NEGATIVE, truncation_low=at_least(0), truncation_high=at_least(1),
-        truncation_fixed=at_least(0), loss_scale=Range(),
+        truncation_fixed=at_least(0), loss_scale=Range(), kl_beta=NON_NEGATIVE,
     ),
-    "draft": dict(k=at_least(0), lv_draws=at_least(0), loss_scale=Range()),
+    "draft": dict(k=at_least(0), lv_draws=at_least(0), loss_scale=Range(), kl_beta=NON_NEGATIVE),
 }  # fmt: skip
 for _name, _ranges in _STRATEGY_RANGES.items():
     add_ranges(STRATEGY_CONFIGS[_name], **_ranges)
