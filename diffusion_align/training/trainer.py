@@ -235,7 +235,9 @@ class Trainer:
 
     def guard_metrics(self) -> dict[str, float]:
         g = self.guard
-        return {"guard/best_gold": g.best["gold"], "guard/falling_streak": float(g.streak)} if g else {}
+        if g is None or g.best is None:
+            return {}
+        return {"guard/best_gold": g.best["gold"], "guard/falling_streak": float(g.streak)}
 
     def best_dir(self) -> Path | None:
         """The kept best checkpoint (`checkpoint.keep_best`), when the guard has one."""
