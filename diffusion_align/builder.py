@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from diffusion_align.bundled import BUNDLED, bundled_path
 from diffusion_align.config import run_folder
 from diffusion_align.config.loading import config_yaml, to_dict
 from diffusion_align.config.registry import (
@@ -32,11 +33,12 @@ from diffusion_align.config.registry import (
     custom_components,
 )
 from diffusion_align.config.settings import Config
-from diffusion_align.errors import UserError
+from diffusion_align.errors import ConfigError, UserError
 from diffusion_align.methods.distributed import AccelerateGroup, LocalGroup
 from diffusion_align.methods.strategies import strategy_class
 from diffusion_align.prompts import load_prompts
 from diffusion_align.training.epoch_draws import derive_seed
+from diffusion_align.training.guard import Guard
 from diffusion_align.training.trainer import Trainer
 from diffusion_align.training.training_run import EvalSampling, RunOptions, TrainingRun
 
@@ -74,6 +76,8 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
     policy = build_policy(backbone, config.sample, config.lora)
     reward = build_reward(config.rewards, acc.device, record=True)  # the trainer logs every call
     eval_reward = build_reward(config.eval_rewards, acc.device) if config.eval_rewards else None
+    guard = build_guard(config, reward, eval_reward)
+    diversity = build_diversity(config, acc.device)
     group = AccelerateGroup(acc)
     strategy = build_strategy(config, policy, reward, group)
     optimizer = torch.optim.AdamW(
@@ -112,7 +116,61 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
         eval_prompts=eval_prompts,
         folder=folder,
         options=run_options(config),
+        guard=guard,
+        diversity=diversity,
     )
+
+
+def build_diversity(config: Config, device):
+    """The CLIP image tower that measures eval diversity (`guard.diversity_model`), or None."""
+    name, model = config.guard.diversity_model, config.model.pretrained
+    if name is None:  # automatic: the bundled world's own CLIP, when there are image pairs to compare
+        if model not in BUNDLED or config.prompts.eval_images_per_prompt < 2:
+            return None
+        name = "shapes-clip"
+    if name == "off":
+        return None
+    if config.prompts.eval_images_per_prompt < 2:
+        raise ConfigError(
+            f"guard.diversity_model={name} compares the images of each eval prompt: set "
+            "prompts.eval_images_per_prompt >= 2 (or guard.diversity_model=off)"
+        )
+    from rewards.diversity import ClipDiversity
+
+    path = bundled_path(name) if name in BUNDLED else name
+    return ClipDiversity.from_pretrained(path).to(device)
+
+
+def build_guard(config: Config, reward, eval_reward) -> Guard | None:
+    """The guard on `guard.gold` (an eval reward never optimised; None picks the first such one), or None
+    when there is none; one-line errors for guard options that cannot work."""
+    g, trained = config.guard, set(reward.names)
+    held_out = [
+        f"extra/{n}" for n in (eval_reward.names if eval_reward is not None else []) if n not in trained
+    ]
+    gold = g.gold if g.gold is not None else (held_out[0] if held_out else None)
+    if gold is not None and gold not in held_out:
+        optimised = gold.removeprefix("extra/") in trained
+        raise ConfigError(
+            f"guard.gold={gold} is {'an optimised reward' if optimised else 'not an eval reward'}: choose "
+            f"one of {held_out or 'the eval_rewards (none is configured that is not optimised)'}"
+        )
+    wanted = (("checkpoint.keep_best", config.checkpoint.keep_best), ("guard.patience", g.patience))
+    needs = [key for key, on in wanted if on]
+    if gold is None and needs:
+        raise ConfigError(
+            f"{needs[0]} needs a gold metric: add an eval_rewards entry that is not optimised (e.g. "
+            "shapes_match) or set guard.gold"
+        )
+    if g.final == "best" and not config.checkpoint.keep_best:
+        raise ConfigError(
+            "guard.final=best needs checkpoint.keep_best=true (the best checkpoint is what it exports)"
+        )
+    if g.patience and not config.logging.eval_every:
+        raise ConfigError("guard.patience needs evaluations during training: set logging.eval_every > 0")
+    if gold is None:
+        return None
+    return Guard(gold, "reward", g.patience, g.margin, g.noise_multiple)
 
 
 def build_strategy(config: Config, policy, reward, group=None):
@@ -124,7 +182,7 @@ def build_strategy(config: Config, policy, reward, group=None):
 
 def run_options(config: Config) -> RunOptions:
     """The config's plain values the training loop reads."""
-    t, s, log, ckpt = config.train, config.sample, config.logging, config.checkpoint
+    t, log, ckpt = config.train, config.logging, config.checkpoint
     strategy = type(config.strategy).__name__.removesuffix("Config")
     return RunOptions(
         output_dir=Path(config.output_dir),
@@ -136,15 +194,7 @@ def run_options(config: Config) -> RunOptions:
         max_grad_norm=t.max_grad_norm,
         base_model=config.model.pretrained,
         title=f"{strategy} on {config.model.pretrained}",
-        eval=EvalSampling(
-            num_steps=s.num_steps if s.eval_num_steps is None else s.eval_num_steps,
-            guidance_scale=s.guidance_scale,
-            eta=s.eta if s.eval_eta is None else s.eval_eta,
-            batch_size=s.batch_size,
-            seed=s.seed,
-            negative_prompt=s.negative_prompt,
-            size=(s.height, s.width) if s.height and s.width else None,
-        ),
+        eval=eval_sampling(config.sample),
         eval_every=log.eval_every,
         log_every=log.log_every,
         progress=log.progress,
@@ -155,7 +205,19 @@ def run_options(config: Config) -> RunOptions:
         wandb=log.wandb,
         wandb_project=log.wandb_project,
         config_dict=to_dict(config),
+        keep_best=ckpt.keep_best,
+        final_best=config.guard.final == "best",
+        collapse_fraction=config.guard.collapse_fraction,
     )
+
+
+def eval_sampling(s) -> EvalSampling:
+    """How evaluation images are drawn, from the `sample` settings `s` (eval_num_steps / eval_eta: None =
+    the training ones)."""
+    size = (s.height, s.width) if s.height and s.width else None
+    steps = s.num_steps if s.eval_num_steps is None else s.eval_num_steps
+    eta = s.eta if s.eval_eta is None else s.eval_eta
+    return EvalSampling(steps, s.guidance_scale, eta, s.batch_size, s.seed, s.negative_prompt, size)
 
 
 def _check_batch_sizes(config: Config, world: int) -> None:

@@ -20,6 +20,7 @@ COMMANDS = {
     "zoo": "zoo",
     "reno": "reno",
     "pairs": "pairs",
+    "soup": "soup",
 }
 
 

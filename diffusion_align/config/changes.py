@@ -1,10 +1,10 @@
 """What changed between the config a checkpoint was trained with and the config that resumes it.
 
-A resume may change how a run is watched and how long it goes on: epochs, logging, evaluation, checkpoint
-cadence, memory knobs and the run folder (`RESUMABLE` below). Everything else (model, sampling, LoRA,
-rewards and their normalisation, strategy, training prompts, optimizer, seeds) decides what is trained, and a
-change there would continue one run with the math of another: `check_resume` refuses it with a one-line
-diff of the keys.
+A resume may change how a run is watched and how long it goes on: epochs, logging, evaluation, guards,
+checkpoint cadence, memory knobs and the run folder (`RESUMABLE` below). Everything else (model,
+sampling, LoRA, rewards and their normalisation, strategy, training prompts, optimizer, seeds) decides what
+is trained, and a change there would continue one run with the math of another: `check_resume` refuses it
+with a one-line diff of the keys.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ RESUMABLE = (
     "eval_rewards",
     "checkpoint",
     "logging",
+    "guard",
     "output_dir",
 )
 

@@ -37,6 +37,8 @@ RUN_ARTIFACTS = frozenset(
         "metrics.jsonl",
         "summary.json",
         "reward_curve.png",
+        "guard.json",
+        "guard_curve.png",
         "checkpoints",
         "logs",
         "samples",

@@ -116,6 +116,9 @@ class CheckpointSettings:
     keep_last: int = 3  # older checkpoints are deleted
     resume: str | None = None  # "latest" (in output_dir) or a checkpoint folder
     export_merged: bool = False  # also save the LoRA merged into a full pipeline at the end
+    # also keep, in checkpoints/best/ (never rotated away by keep_last), the checkpoint whose evaluation
+    # scored best on guard.gold; guard.json in the run folder records which epoch and value
+    keep_best: bool = False
 
 
 @dataclass
@@ -126,6 +129,28 @@ class LoggingSettings:
     log_every: int = 1  # epochs
     eval_every: int = 10  # epochs between evaluation grids on the eval prompts (0 = only before/after)
     progress: bool = True  # tqdm bars
+
+
+@dataclass
+class GuardSettings:
+    """Reward-hacking guards: watch a held-out gold metric beside the optimised proxy at every evaluation."""
+
+    # eval metric to guard with, "extra/<name>" of an eval_rewards entry that is not optimised; None = the
+    # first eval reward's (no guard without eval_rewards). Its curve against the proxy: guard_curve.png
+    gold: str | None = None
+    # early stop when gold stays more than `margin` below its best for this many evaluations in a row while
+    # the proxy (the eval "reward") is above its value at gold's best; 0 = never stop early
+    patience: int = 0
+    margin: float | None = None  # in gold's units; None = noise_multiple x gold's standard error at "before"
+    noise_multiple: float = 1.0  # how many standard errors of gold's eval mean make a fall real
+    final: Literal["last", "best"] = "last"  # the run's lora/: last weights, or best gold (needs keep_best)
+    # CLIP (hub id, folder, or shapes-clip) whose image embeddings measure per-prompt diversity of the eval
+    # images (logged as eval "diversity"; needs prompts.eval_images_per_prompt >= 2); None = shapes-clip on
+    # the bundled models, none on others; "off" = none
+    diversity_model: str | None = None
+    collapse_fraction: float = (
+        0.5  # warn when diversity falls below this fraction of its value before training
+    )
 
 
 @dataclass
@@ -141,6 +166,7 @@ class Config:
     train: TrainSettings = field(default_factory=TrainSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    guard: GuardSettings = field(default_factory=GuardSettings)
     output_dir: str = "runs/default"  # run folder: config.yaml, checkpoints/, logs/, samples/, lora/
 
 
@@ -179,22 +205,32 @@ add_ranges(
 )
 add_ranges(CheckpointSettings, every=at_least(1), keep_last=at_least(1))
 add_ranges(LoggingSettings, log_every=at_least(1), eval_every=at_least(0))
+add_ranges(
+    GuardSettings,
+    patience=at_least(0),
+    margin=NON_NEGATIVE,
+    noise_multiple=NON_NEGATIVE,
+    collapse_fraction=NON_NEGATIVE,
+)
 _STRATEGY_RANGES = {
     "ddpo": dict(
         clip_range=POSITIVE, adv_clip_max=POSITIVE, num_inner_epochs=at_least(1), timestep_fraction=FRACTION,
         timestep_window=FRACTION, group_size=at_least(1), stat_buffer_size=at_least(1),
         stat_min_count=at_least(0), beta=NON_NEGATIVE,
     ),
-    "d3po": dict(beta=POSITIVE, eps=NON_NEGATIVE, num_inner_epochs=at_least(1), timestep_fraction=FRACTION),
+    "d3po": dict(
+        beta=POSITIVE, eps=NON_NEGATIVE, num_inner_epochs=at_least(1), timestep_fraction=FRACTION,
+        kl_beta=NON_NEGATIVE,
+    ),
     "prdp": dict(
         group_size=at_least(2), beta=POSITIVE, eps=POSITIVE,
-        timestep_window=FRACTION, num_inner_epochs=at_least(1),
+        timestep_window=FRACTION, num_inner_epochs=at_least(1), kl_beta=NON_NEGATIVE,
     ),
     "alignprop": dict(
         truncation_std=NON_NEGATIVE, truncation_low=at_least(0), truncation_high=at_least(1),
-        truncation_fixed=at_least(0), loss_scale=Range(),
+        truncation_fixed=at_least(0), loss_scale=Range(), kl_beta=NON_NEGATIVE,
     ),
-    "draft": dict(k=at_least(0), lv_draws=at_least(0), loss_scale=Range()),
+    "draft": dict(k=at_least(0), lv_draws=at_least(0), loss_scale=Range(), kl_beta=NON_NEGATIVE),
     "diffusion_dpo": dict(
         beta=POSITIVE, group_size=at_least(2), ref_update_every=at_least(0),
         empty_prompt_fraction=PROBABILITY, num_inner_epochs=at_least(1), noise_draws=at_least(1),

@@ -51,13 +51,16 @@ class Policy:
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return ((n, p) for n, p in self.backbone.unet.named_parameters() if p.requires_grad)
 
-    def transition(self, x_t: Tensor, t: Tensor, embeds, guidance_scale: float, num_steps: int):
-        """(mean, std) of p_theta(x_prev | x_t); t is a timestep or (B,) timesteps."""
+    def transition(
+        self, x_t: Tensor, t: Tensor, embeds, guidance_scale: float, num_steps: int, eta: float | None = None
+    ):
+        """(mean, std) of p_theta(x_prev | x_t); t is a timestep or (B,) timesteps; eta: the step's noise
+        level (None: the sampler's)."""
         t_in = t.to(x_t.device)
         if t_in.ndim == 1 and guidance_scale > 1.0 and embeds.uncond is not None:
             t_in = torch.cat([t_in, t_in])  # the CFG batch is [uncond, cond]
         out = self.backbone.predict(x_t, t_in, embeds, guidance_scale)
-        return self.sampler.transition(out, t, x_t, num_steps)
+        return self.sampler.transition(out, t, x_t, num_steps, eta)
 
     def denoiser_output(self, x_t: Tensor, t: Tensor, embeds) -> Tensor:
         """The conditional denoiser output (no guidance) at a forward-process x_t and t ((B,), one per

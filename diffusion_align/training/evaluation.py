@@ -18,10 +18,15 @@ from diffusion_align.images import save_grid
 
 
 @torch.no_grad()
-def evaluate(policy, reward, eval_reward, prompts, sampling, autocast, grid: Path, progress: bool):
-    """({"reward": mean raw total, "reward/<name>": ..., "extra/<name>": ...}, the grid's path).
+def evaluate(
+    policy, reward, eval_reward, prompts, sampling, autocast, grid: Path, progress: bool, diversity=None
+):
+    """({"reward": mean raw total, "reward/<name>": ..., "extra/<name>": ...}, the grid's path, the same keys
+    per-image scores as lists: {key: [score of image i]}).
     `reward` is the training reward (its `components`, `raw_total`, `names`), `eval_reward` extra rewards
-    or None, `sampling` a `training_run.EvalSampling`, `autocast` a context-manager factory."""
+    or None, `sampling` a `training_run.EvalSampling`, `autocast` a context-manager factory, `diversity` None
+    or a `rewards.diversity.ClipDiversity` (adds "diversity": per-prompt diversity of the images; a video's
+    middle frame stands for it)."""
     s, backbone = sampling, policy.backbone
     images, parts = [], []
     backbone.unet.eval()
@@ -47,8 +52,15 @@ def evaluate(policy, reward, eval_reward, prompts, sampling, autocast, grid: Pat
         "reward": total.mean().item(),
         **{k if k.startswith("extra/") else f"reward/{k}": v.mean().item() for k, v in components.items()},
     }
+    if diversity is not None:
+        every = torch.cat(images)
+        result["diversity"] = diversity(every[:, every.shape[1] // 2] if every.ndim == 5 else every, prompts)
     bad = [k for k, v in result.items() if not math.isfinite(v)]
     if bad:
         raise UserError(f"non-finite evaluation reward ({bad[0]}) at '{grid.stem}'; check the reward model")
     captions = [f"{p} [{r:.3g}]" for p, r in zip(prompts, total.tolist(), strict=True)]
-    return result, save_grid(torch.cat(images), grid, captions=captions)
+    per_image = {"reward": total.tolist()}
+    per_image.update(
+        {k if k.startswith("extra/") else f"reward/{k}": v.tolist() for k, v in components.items()}
+    )
+    return result, save_grid(torch.cat(images), grid, captions=captions), per_image

@@ -1,4 +1,5 @@
-"""What a finished run leaves besides its LoRA: the reward curve and, on request, the merged pipeline."""
+"""What a finished run leaves besides its LoRA: the reward curve, the guard's proxy-vs-gold curve and, on
+request, the merged pipeline."""
 
 from __future__ import annotations
 
@@ -24,6 +25,37 @@ def plot_reward_curve(history: list[dict], eval_before: dict | None, title: str,
     ax.set_ylabel("reward")
     ax.set_title(title)
     ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_guard_curve(guard, path: Path) -> Path:
+    """The optimised proxy and the held-out gold metric at every evaluation (two y axes), the best gold
+    marked, and where the run stopped early if it did."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in guard.history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["proxy"] for h in guard.history], "o-", color="tab:blue")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"proxy: eval {guard.proxy} (optimised)", color="tab:blue")
+    gold = ax.twinx()
+    gold.plot(epochs, [h["gold"] for h in guard.history], "s-", color="tab:red")
+    gold.set_ylabel(f"gold: {guard.gold} (held out)", color="tab:red")
+    if guard.best:
+        gold.axvline(
+            guard.best["epoch"], color="tab:red", ls=":", label=f"best gold (epoch {guard.best['epoch']})"
+        )
+        gold.legend(loc="lower right")
+    if guard.stop_reason and epochs:
+        ax.axvline(epochs[-1], color="black", ls="--")
+        ax.set_title(f"stopped early at epoch {epochs[-1]}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

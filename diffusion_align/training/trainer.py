@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_align.errors import UserError
+from diffusion_align.errors import UserError, warn
 from diffusion_align.training import run_checkpoint
 from diffusion_align.training.across_processes import mean_dicts, mean_over_processes, reward_metrics
 from diffusion_align.training.epoch_draws import epoch_prompts, plan_generator, sample_generators
 from diffusion_align.training.evaluation import evaluate
 from diffusion_align.training.optimizer_step import optimizer_step
-from diffusion_align.training.run_outputs import export_merged, plot_reward_curve
+from diffusion_align.training.run_outputs import export_merged, plot_guard_curve, plot_reward_curve
 from diffusion_align.training.tracking import Tracker
 from diffusion_align.training.training_run import TrainingRun
 
@@ -50,6 +50,7 @@ class Trainer:
         self.reward, self.eval_reward = run.reward, run.eval_reward
         self.optimizer, self.scheduler, self.folder = run.optimizer, run.scheduler, run.folder
         self.train_prompts, self.eval_prompts = run.train_prompts, run.eval_prompts
+        self.guard, self.diversity = run.guard, run.diversity
         acc, o = self.accelerator, self.options
         self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
         self.local_samples, self.local_batch = o.samples_per_epoch // self.world, o.batch_size // self.world
@@ -79,8 +80,10 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------
     def run(self) -> dict:
         o, start = self.options, time.perf_counter()
+        self.clock = lambda: self.seconds_before + time.perf_counter() - start
         if self.eval_before is None:
-            self.eval_before = self.evaluate("before")
+            self.eval_before, scores = self.evaluate("before")
+            self.watch(self.eval_before, scores)
         bar = tqdm(
             range(self.epoch, o.epochs),
             desc="epochs",
@@ -94,21 +97,32 @@ class Trainer:
             last = self.epoch == o.epochs
             every = o.eval_every
             record = {"epoch": self.epoch, "train_reward": metrics["reward/mean"]}
+            best = stop = False
             if every and self.epoch % every == 0 and not last:
-                evaluation = self.evaluate(f"epoch_{self.epoch:04d}")
+                evaluation, _ = self.evaluate(f"epoch_{self.epoch:04d}")
                 metrics.update({f"eval/{k}": v for k, v in evaluation.items()})
                 record["eval_reward"] = evaluation["reward"]
+                best = self.watch(evaluation, save_best=False)
+                metrics.update(self.guard_metrics())
+                stop = self.guard is not None and self.guard.stop_reason is not None
             self.history.append(record)
-            if self.epoch % max(1, o.log_every) == 0 or last:
+            if self.epoch % max(1, o.log_every) == 0 or last or stop:
                 self.tracker.log(metrics, self.epoch, self.global_step)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.4g}")
-            if self.epoch % max(1, o.checkpoint_every) == 0 or last:
-                self.save_checkpoint(self.seconds_before + time.perf_counter() - start)
-        eval_after = self.evaluate("after")
+            if best:  # after the history and the logs, as a checkpoint of this epoch holds them
+                self.save_best()
+            if self.epoch % max(1, o.checkpoint_every) == 0 or last or stop:
+                self.save_checkpoint(self.clock())
+            if stop:
+                if self.is_main:
+                    print(f"diffusion-align: early stop at epoch {self.epoch}: {self.guard.stop_reason}")
+                break
+        eval_after, _ = self.evaluate("after")
+        if self.guard is None or self.guard.last_epoch != self.epoch:  # not re-judged after a stop
+            self.watch(eval_after)
         self.history.append({"epoch": self.epoch, "eval_reward": eval_after["reward"]})
         self.tracker.log({f"eval/{k}": v for k, v in eval_after.items()}, self.epoch, self.global_step)
-        seconds = self.seconds_before + time.perf_counter() - start
-        return self.finish(eval_after, seconds)
+        return self.finish(eval_after, self.clock())
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         o, acc = self.options, self.accelerator
@@ -171,12 +185,13 @@ class Trainer:
         return norm
 
     # --- evaluation ---------------------------------------------------------------------------------
-    def evaluate(self, name: str) -> dict[str, float]:
-        """`evaluation.evaluate` on the main process (grid `samples/<name>.png`); every process returns (and
-        checkpoints) the same numbers."""
+    def evaluate(self, name: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """`evaluation.evaluate` on the main process (grid `samples/<name>.png`): (means, per-image scores);
+        every process returns (and checkpoints) the same numbers."""
         result: dict[str, float] = {}
+        per_image: dict[str, list[float]] = {}
         if self.is_main and self.eval_prompts:
-            result, path = evaluate(
+            result, path, per_image = evaluate(
                 self.policy,
                 self.reward,
                 self.eval_reward,
@@ -185,13 +200,50 @@ class Trainer:
                 self.accelerator.autocast,
                 self.run_dir / "samples" / f"{name}.png",
                 self.options.progress,
+                self.diversity,
             )
             self.tracker_image(f"samples/{name}", path)
         if self.world > 1:
             from accelerate.utils import broadcast_object_list
 
-            result = broadcast_object_list([result], from_process=0)[0]
-        return result
+            result, per_image = broadcast_object_list([(result, per_image)], from_process=0)[0]
+        return result, per_image
+
+    # --- the reward-hacking guard (`guard.Guard`) ---------------------------------------------------------
+    def watch(self, evaluation: dict[str, float], scores: dict | None = None, save_best: bool = True) -> bool:
+        """Show the guard an evaluation of the current weights; True when its gold is a new best (then,
+        with `save_best`, that checkpoint is kept now)."""
+        self.warn_collapse(evaluation)
+        if self.guard is None or not evaluation:
+            return False
+        best = self.guard.observe(self.epoch, evaluation, (scores or {}).get(self.guard.gold))
+        if best and save_best:
+            self.save_best()
+        if self.is_main:
+            self.guard.write(self.run_dir, best_checkpoint=self.best_dir() and str(self.best_dir()))
+        return best
+
+    def warn_collapse(self, evaluation: dict[str, float]) -> None:
+        before, now = (self.eval_before or {}).get("diversity"), evaluation.get("diversity")
+        fraction = self.options.collapse_fraction
+        if self.is_main and None not in (before, now) and evaluation is not self.eval_before:
+            if now < fraction * before:
+                warn(
+                    f"eval diversity {now:.3g} at epoch {self.epoch} is below {fraction:g} x its "
+                    f"{before:.3g} before training: the model may be collapsing to one image per prompt"
+                )
+
+    def guard_metrics(self) -> dict[str, float]:
+        g = self.guard
+        if g is None or g.best is None:
+            return {}
+        return {"guard/best_gold": g.best["gold"], "guard/falling_streak": float(g.streak)}
+
+    def best_dir(self) -> Path | None:
+        """The kept best checkpoint (`checkpoint.keep_best`), when the guard has one."""
+        if not (self.options.keep_best and self.guard and self.guard.best):
+            return None
+        return run_checkpoint.best_checkpoint(self.ckpt_root, self.guard.best["epoch"])
 
     def tracker_image(self, tag: str, path: Path) -> None:
         if getattr(self, "tracker", None) is not None:
@@ -201,11 +253,18 @@ class Trainer:
     def save_checkpoint(self, seconds: float) -> Path:
         return run_checkpoint.save(self, seconds)
 
+    def save_best(self) -> Path | None:
+        if not self.options.keep_best:
+            return None
+        return run_checkpoint.save_best(self, self.clock())
+
     def _load(self, folder: Path) -> None:
         state = run_checkpoint.load(self, folder)
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.seconds_before, self.eval_before = state["seconds"], state["eval_before"]
         self.history = state["history"]
+        if self.guard is not None and state.get("guard"):
+            self.guard.load_state_dict(state["guard"])
         if self.epoch > self.options.epochs:
             raise UserError(
                 f"checkpoint {folder} is at epoch {self.epoch}, past "
@@ -229,12 +288,24 @@ class Trainer:
             "world_size": self.world,
             "lora_max_rank_difference": rank_diff,  # 0 when every process ended with the same weights
         }
+        if self.guard is not None:
+            best_dir, final_best = self.best_dir(), self.options.final_best and self.best_dir() is not None
+            summary["guard"] = {
+                **self.guard.summary(),
+                "stopped_early": self.guard.stop_reason if self.epoch < self.options.epochs else None,
+                "best_checkpoint": best_dir and str(best_dir),
+                "final": "best" if final_best else "last",  # what lora/ holds
+            }
+            if final_best:  # every process loads the same weights
+                self.policy.load_lora(best_dir / "lora", self.options.base_model)
         if self.is_main:
             self.policy.save_lora(self.run_dir / "lora", base_model=self.options.base_model)
             summary["lora_dir"] = str(self.run_dir / "lora")
             plot_reward_curve(
                 self.history, self.eval_before, self.options.title, self.run_dir / "reward_curve.png"
             )
+            if self.guard is not None:
+                plot_guard_curve(self.guard, self.run_dir / "guard_curve.png")
             if self.options.export_merged:
                 summary["merged_dir"] = str(export_merged(self.backbone, self.run_dir / "merged"))
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -45,6 +45,9 @@ class RunOptions:
     wandb: bool
     wandb_project: str
     config_dict: dict[str, Any]  # the config as plain data, for wandb's run record
+    keep_best: bool = False  # keep the checkpoint of the best guard.gold in checkpoints/best/
+    final_best: bool = False  # the run's lora/ is the best checkpoint's (needs keep_best)
+    collapse_fraction: float = 0.5  # warn when eval diversity < this x its value before training
 
 
 @dataclasses.dataclass
@@ -64,3 +67,5 @@ class TrainingRun:
     eval_prompts: list[str]  # each eval prompt repeated eval_images_per_prompt times
     folder: Any  # run_folder.RunFolder: how the run starts, and the config to save
     options: RunOptions
+    guard: Any = None  # guard.Guard watching the gold metric, or None
+    diversity: Any = None  # rewards.diversity.ClipDiversity for the eval images, or None

@@ -37,6 +37,7 @@ from diffusion_align.methods.strategies.sampling import (
     shared_initial_noise,
     trained_steps,
     transition_inputs,
+    with_reference,
 )
 
 SECOND_IMAGE_SEED_OFFSET = 2**40
@@ -49,6 +50,9 @@ class D3POConfig:
     num_inner_epochs: int = 1  # passes over each collected batch
     timestep_fraction: float = 1.0  # share of each pair's steps that are trained (random per pair)
     human_labels: str | None = None  # JSONL of {"prompt", "seed", "preferred": 0|1}; None = prefer by reward
+    # weight of KL(policy || base model) per trained step, added to the loss and logged as `kl` (not in the
+    # paper, DDPO's beta; free here: the reference's transition is computed anyway); 0 = the published D3PO
+    kl_beta: float = 0.0
 
 
 class D3PO:
@@ -141,20 +145,27 @@ class D3PO:
         rows = torch.cat([batch["win"][pairs], batch["lose"][pairs]])
         steps = torch.cat([micro["steps"], micro["steps"]])
         x_t, x_prev, t, embeds = transition_inputs(batch, rows, steps)
-        log_prob = self.policy.log_prob(x_t, x_prev, t, embeds, s.guidance_scale, s.num_steps)
-        with torch.no_grad(), self.policy.reference():
-            ref = self.policy.log_prob(x_t, x_prev, t, embeds, s.guidance_scale, s.num_steps)
+        mean, ref_mean, std = with_reference(self.policy, x_t, t, embeds, s)
+        log_prob = self.policy.sampler.log_prob(x_prev, mean, std)
+        ref = self.policy.sampler.log_prob(x_prev, ref_mean, std)
         p = len(pairs)
         losses, accuracy = d3po_loss(
             log_prob[:p], ref[:p], log_prob[p:], ref[p:], self.config.beta, self.config.eps
         )
         ratio = torch.exp(log_prob.detach() - ref)
         clipped = ((ratio - 1).abs() > self.config.eps).float().mean()
-        return losses.mean(), {
-            "implicit_accuracy": accuracy.mean().item(),
-            "clip_fraction": clipped.item(),
-            "log_ratio_abs": (log_prob.detach() - ref).abs().mean().item(),
-        }
+        loss, metrics = (
+            losses.mean(),
+            {
+                "implicit_accuracy": accuracy.mean().item(),
+                "clip_fraction": clipped.item(),
+                "log_ratio_abs": (log_prob.detach() - ref).abs().mean().item(),
+            },
+        )
+        if self.config.kl_beta > 0:
+            kl = self.policy.sampler.kl(mean, ref_mean, std).mean()
+            loss, metrics["kl"] = loss + self.config.kl_beta * kl, kl.item()
+        return loss, metrics
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor}

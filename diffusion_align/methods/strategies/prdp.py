@@ -27,7 +27,7 @@ from torch import Tensor
 from diffusion_align.errors import UserError
 from diffusion_align.math.losses import group_pairs, prdp_loss
 from diffusion_align.methods.distributed import LocalGroup
-from diffusion_align.methods.strategies.sampling import sample_groups, window_steps
+from diffusion_align.methods.strategies.sampling import sample_groups, window_steps, with_reference
 
 
 @dataclass
@@ -40,6 +40,9 @@ class PRDPConfig:
     # the late tiny-sigma steps' log-prob gradients are mostly noise. 1.0 = every step (the published PRDP).
     timestep_window: float = 1.0
     num_inner_epochs: int = 1  # K: passes over each collected batch (paper: 10, each one full-batch step)
+    # weight of KL(policy || base model) over the trained steps, added to the loss and logged as `kl` (not in
+    # the paper, whose proximal clip is around the sampling policy; DDPO's beta); 0 = the published PRDP
+    kl_beta: float = 0.0
     refresh_every: int | None = None  # removed: the old policy is the sampler of each batch
 
     def __post_init__(self):
@@ -124,7 +127,15 @@ class PRDP:
         moved = missing and not self._weights_are(batch["old_params"])
         if moved:  # the snapshot's forwards swap weights in place: all before any graph holds the weights
             old = self._old_log_probs(batch["old_params"], steps, embeds)
-        log_probs = [self.policy.log_prob(*step, embeds, s.guidance_scale, s.num_steps) for step in steps]
+        kls = []
+        if cfg.kl_beta > 0:  # the same forwards give the log-probs; the reference adds one per step
+            log_probs = []
+            for x_t, x_prev, t in steps:
+                mean, ref_mean, std = with_reference(self.policy, x_t, t, embeds, s)
+                log_probs.append(self.policy.sampler.log_prob(x_prev, mean, std))
+                kls.append(self.policy.sampler.kl(mean, ref_mean, std))
+        else:
+            log_probs = [self.policy.log_prob(*step, embeds, s.guidance_scale, s.num_steps) for step in steps]
         log_prob, ref = torch.stack(log_probs, 1), torch.stack(refs, 1)
         if missing:
             old = old if moved else log_prob.detach()  # unchanged weights: the forward is theta_old's
@@ -134,13 +145,23 @@ class PRDP:
         )
         dev = (torch.exp(log_prob.detach() - old) - 1).abs().max()
         sampled = batch["log_probs"][r, :num_steps]  # the sampler's: equal to log_prob before any update
-        return losses.mean(), {
-            "pairs": float(len(first)),
-            "clip_fraction": clipped.float().mean().item(),
-            "log_ratio_abs": (log_prob.detach() - ref).abs().mean().item(),
-            "ratio_max_deviation": dev.item(),
-            "sampling_ratio_max_deviation": (torch.exp(log_prob.detach() - sampled) - 1).abs().max().item(),
-        }
+        loss, metrics = (
+            losses.mean(),
+            {
+                "pairs": float(len(first)),
+                "clip_fraction": clipped.float().mean().item(),
+                "log_ratio_abs": (log_prob.detach() - ref).abs().mean().item(),
+                "ratio_max_deviation": dev.item(),
+                "sampling_ratio_max_deviation": (torch.exp(log_prob.detach() - sampled) - 1)
+                .abs()
+                .max()
+                .item(),
+            },
+        )
+        if kls:
+            kl = torch.stack(kls, 1).mean()
+            loss, metrics["kl"] = loss + cfg.kl_beta * kl, kl.item()
+        return loss, metrics
 
     def _ref(self, batch, r, i, x_t, x_prev, t, embeds) -> Tensor:
         cached = batch["ref_log_probs"][r, i]

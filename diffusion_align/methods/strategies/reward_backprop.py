@@ -14,6 +14,10 @@ Steps before the cut are the collected ones (identical when the policy has not c
 denoiser outputs carry no gradient either way, as in AlignProp's `noise_pred.detach()`). The window runs in
 the one loop (`rollout(start=cut)`), so its latents are cast to the model dtype after each step exactly as
 the collected ones were.
+KL to the reference (`kl_beta` > 0, not in either paper; DDPO's beta): the mean over the window's steps of
+KL(pi_theta || pi_ref) of the transition at each re-run latent (treated as data, as DDPO scores stored steps),
+logged as `kl`. A deterministic chain (eta = 0) has no transition density: its KL is that of the same steps
+with noise level 1 (DDIM's DDPM posterior std), i.e. a scaled squared distance of the two models' means.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from diffusion_align.methods.strategies.sampling import (
     per_sample_generators,
     sample_batch,
     step_rows,
+    with_reference,
 )
 
 
@@ -47,6 +52,7 @@ class AlignPropConfig:
     truncation_fixed: int = 49  # fixed cut (49 of 50 = K = 1)
     loss_scale: float = 0.01  # loss = -loss_scale * reward (official loss_coeff 0.01)
     gradient_checkpointing: bool = True  # recompute each UNet call of the window in backward (official)
+    kl_beta: float = 0.0  # weight of KL(policy || base model) over the window's steps; 0 = the published one
 
 
 @dataclass
@@ -55,6 +61,7 @@ class DRaFTConfig:
     lv_draws: int = 0  # DRaFT-LV: > 0 re-noises the final sample this many times (2 in reimplementations)
     loss_scale: float = 1.0  # loss = -loss_scale * reward
     gradient_checkpointing: bool = True  # recompute each UNet call of the window in backward
+    kl_beta: float = 0.0  # weight of KL(policy || base model) over the window's steps; 0 = the published one
 
 
 class _RewardBackprop:
@@ -108,6 +115,7 @@ class _RewardBackprop:
         device = self.policy.backbone.device
         gens = [torch.Generator(device).manual_seed(batch["noise_seeds"][i]) for i in rows.tolist()]
         draws = getattr(self.config, "lv_draws", 0)
+        kls = []
         if draws > 0:
             x0 = latents[r, -1]
             t = batch["timesteps"][-1]
@@ -115,29 +123,46 @@ class _RewardBackprop:
             for _ in range(draws):
                 z = randn_tensor(x0.shape, generator=gens, device=device, dtype=x0.dtype)
                 x1 = self.policy.sampler.add_noise(x0, z, t)
-                images = self.denoise(x1, len(batch["timesteps"]) - 1, embeds, gens)
-                totals.append(self.reward.score(images, prompts)[0])
+                traj = self.denoise(x1, len(batch["timesteps"]) - 1, embeds, gens)
+                totals.append(self.reward.score(traj.images, prompts)[0])
+                kls += self.window_kl(traj, len(batch["timesteps"]) - 1, embeds)
             total = torch.stack(totals).mean(0)
         else:
-            x = latents[r, micro["cut"]]
-            images = self.denoise(x, micro["cut"], embeds, gens)
-            total = self.reward.score(images, prompts)[0]
+            traj = self.denoise(latents[r, micro["cut"]], micro["cut"], embeds, gens)
+            total = self.reward.score(traj.images, prompts)[0]
+            kls = self.window_kl(traj, micro["cut"], embeds)
         loss = -self.config.loss_scale * total.float().mean()
-        return loss, {
+        metrics = {
             "reward_with_grad": total.detach().float().mean().item(),
             "grad_steps": float(len(batch["timesteps"]) - micro["cut"]),
         }
+        if kls:
+            kl = torch.stack(kls).mean()
+            loss, metrics["kl"] = loss + self.config.kl_beta * kl, kl.item()
+        return loss, metrics
 
-    def denoise(self, x: Tensor, start: int, embeds, gens) -> Tensor:
-        """Steps start..S-1 of the one loop from x, with gradient through every denoiser call; the decoded
-        images (B, 3, H, W) in [0, 1]."""
+    def denoise(self, x: Tensor, start: int, embeds, gens):
+        """Steps start..S-1 of the one loop from x, with gradient through every denoiser call; the
+        trajectory (`rollout.Trajectory`: its decoded `images` (B, 3, H, W) in [0, 1])."""
         s = self.sample
         steps = range(start, s.num_steps)
-        traj = rollout(
+        return rollout(
             self.policy.backbone, self.policy.sampler, embeds, x, s.num_steps, s.guidance_scale, s.eta,
             grad_steps=steps, checkpoint=self.config.gradient_checkpointing, generator=gens, start=start,
         )  # fmt: skip
-        return traj.images
+
+    def window_kl(self, traj, start: int, embeds) -> list[Tensor]:
+        """[(B,) KL(pi_theta || pi_ref) at each step of `traj`'s window]; [] when kl_beta is 0."""
+        if self.config.kl_beta <= 0:
+            return []
+        s, sampler = self.sample, self.policy.sampler
+        eta = s.eta if s.eta > 0 else 1.0  # see the module doc: eta = 0 has no transition density
+        kls = []
+        for j in range(traj.latents.shape[1] - 1):
+            x_t = traj.latents[:, j]
+            mean, ref_mean, std = with_reference(self.policy, x_t, traj.timesteps[start + j], embeds, s, eta)
+            kls.append(sampler.kl(mean, ref_mean, std))
+        return kls
 
     def state_dict(self) -> dict:
         return {}

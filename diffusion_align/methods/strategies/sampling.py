@@ -195,5 +195,15 @@ def transition_inputs(batch: dict, rows: Tensor, steps: Tensor):
     return latents[r, s], latents[r, s + 1], t, batch["embeds"][r]
 
 
+def with_reference(policy, x_t: Tensor, t: Tensor, embeds, sample, eta: float | None = None):
+    """(mean, ref_mean, std) of p(x_prev | x_t): the policy's (with gradient) and the reference's (the base
+    model, adapter off, no gradient) at the same x_t; `policy.sampler.kl(mean, ref_mean, std)` is the
+    per-step KL(pi_theta || pi_ref) that DDPO's `beta` weighs. `eta`: the noise level (None: sampling's)."""
+    mean, std = policy.transition(x_t, t, embeds, sample.guidance_scale, sample.num_steps, eta)
+    with torch.no_grad(), policy.reference():
+        ref_mean, _ = policy.transition(x_t, t, embeds, sample.guidance_scale, sample.num_steps, eta)
+    return mean, ref_mean, std
+
+
 def _on(index: Tensor, like: Tensor) -> Tensor:
     return index.to(like.device)
