@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 
 from diffusion_align.zoo import shapes_data as data
 from diffusion_align.zoo import shapes_models as models
-from diffusion_align.zoo.shapes_recipe import TrainLog, cosine_lr, seed_everything, write_tokenizer
+from diffusion_align.zoo.shapes_recipe import (
+    TrainLog,
+    cosine_lr,
+    denoiser_step,
+    ema_weights,
+    seed_everything,
+    write_tokenizer,
+)
 
 
 @dataclass
@@ -136,25 +143,11 @@ def train_transformer(pipe, cfg: FlowRecipeConfig, log: TrainLog):
             return_dict=False,
         )[0]
         loss = F.mse_loss(velocity, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, model.parameters(), strict=True):
-                e.lerp_(p.detach(), 1 - decay)
-        if step % 50 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log(stage="transformer", step=step, loss=loss.item())
-        if log.out_of_time("transformer", step):
+        if denoiser_step(
+            model, loss, opt, sched, ema, cfg.ema_decay, step, bar, log, "transformer", cfg.steps
+        ):
             break
-    with torch.no_grad():
-        for e, p in zip(ema, model.parameters(), strict=True):
-            p.copy_(e)
-    log(stage="transformer", event="done")
-    return model.eval()
+    return ema_weights(model, ema, log, "transformer")
 
 
 def save_pipeline(pipe, out: Path) -> None:

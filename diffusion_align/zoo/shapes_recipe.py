@@ -230,25 +230,36 @@ def train_unet(
         cond = emb[torch.where(drop, 0, cap_idx[idx])]
         pred = unet(noise_sched.add_noise(z0, eps, t), t, cond).sample
         loss = F.mse_loss(pred, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, unet.parameters(), strict=True):
-                e.lerp_(p.detach(), 1 - decay)
-        if step % 50 == 0 or step == cfg.unet_steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            log(stage="unet", step=step, loss=loss.item())
-        if log.out_of_time("unet", step):
+        if denoiser_step(unet, loss, opt, sched, ema, cfg.ema_decay, step, bar, log, "unet", cfg.unet_steps):
             break
+    return ema_weights(unet, ema, log, "unet")
+
+
+def denoiser_step(model, loss, opt, sched, ema, ema_decay, step, bar, log, stage, steps) -> bool:
+    """One optimizer step of a denoiser (grad clip 1), its EMA update (warm-up decay) and the log; True when
+    the time cap stops the stage."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
     with torch.no_grad():
-        for e, p in zip(ema, unet.parameters(), strict=True):
+        for e, p in zip(ema, model.parameters(), strict=True):
+            e.lerp_(p.detach(), 1 - decay)
+    if step % 50 == 0 or step == steps - 1:
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log(stage=stage, step=step, loss=loss.item())
+    return log.out_of_time(stage, step)
+
+
+def ema_weights(model, ema, log, stage):
+    """The model with its EMA weights, in eval mode."""
+    with torch.no_grad():
+        for e, p in zip(ema, model.parameters(), strict=True):
             p.copy_(e)
-    log(stage="unet", event="done")
-    return unet.eval()
+    log(stage=stage, event="done")
+    return model.eval()
 
 
 def write_tokenizer(directory: Path, max_length: int = 77):
