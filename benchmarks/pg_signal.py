@@ -1,7 +1,7 @@
 """How much signal is in a likelihood-ratio strategy's gradient? Cosines between gradient estimates.
 
     OMP_NUM_THREADS=1 python benchmarks/pg_signal.py configs/cpu/flow_grpo_shapes_flow.yaml
-    OMP_NUM_THREADS=1 python benchmarks/pg_signal.py configs/cpu/flow_grpo_shapes_flow.yaml prompts.train=1.txt
+    OMP_NUM_THREADS=1 python benchmarks/pg_signal.py configs/cpu/flow_grpo_shapes_flow.yaml prompts.train=P
 
 Builds the recipe's run (one epoch's worth of objects, nothing trained), nudges the LoRA off its zero start
 (so every LoRA weight has a gradient), then compares, on 64 images each (8 prompts x 8):
