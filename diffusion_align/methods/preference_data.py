@@ -108,14 +108,9 @@ def _read_jsonl(path: Path) -> PairData:
         if "image_w" in row and "image_l" in row:
             names = (row["image_w"], row["image_l"])
         elif {"image_0", "image_1", "label_0"} <= row.keys():
-            order = _winner_first(row["label_0"])
-            if order is None:
-                data.skip(where, f"label_0 must be 1, 0 or 0.5 (a tie), got {row['label_0']!r}")
+            names = _winner_first(data, where, row["label_0"], (row["image_0"], row["image_1"]))
+            if names is None:
                 continue
-            if order == "tie":
-                data.ties += 1
-                continue
-            names = (row["image_0"], row["image_1"])[:: 1 if order == 0 else -1]
         else:
             data.skip(where, "needs image_w and image_l, or image_0, image_1 and label_0")
             continue
@@ -128,15 +123,20 @@ def _read_jsonl(path: Path) -> PairData:
     return data
 
 
-def _winner_first(label_0):
-    """0 when image 0 wins, 1 when image 1 wins, "tie", or None for a bad label."""
+def _winner_first(data: PairData, where: str, label_0, pair: tuple):
+    """`pair` (image 0, image 1) winner first by Pick-a-Pic's label_0 (1: image 0 preferred, 0: image 1);
+    None for a tie (counted: ties are dropped) or a bad label (reported, the row skipped)."""
     try:
         value = float(label_0)
     except (TypeError, ValueError):
-        return None
+        value = None
     if value == 0.5:
-        return "tie"
-    return {1.0: 0, 0.0: 1}.get(value)
+        data.ties += 1
+        return None
+    if value not in (0.0, 1.0):
+        data.skip(where, f"label_0 must be 1, 0 or 0.5 (a tie), got {label_0!r}")
+        return None
+    return pair if value == 1.0 else pair[::-1]
 
 
 # --- tables (Pick-a-Pic v2 layout) -------------------------------------------------------------------
@@ -147,14 +147,9 @@ def _add_table_rows(data: PairData, name: str, captions, labels, image_bytes: Ca
         if not isinstance(caption, str) or not caption.strip():
             data.skip(where, "no prompt (empty caption)")
             continue
-        order = _winner_first(label)
-        if order is None:
-            data.skip(where, f"label_0 must be 1, 0 or 0.5 (a tie), got {label!r}")
+        columns = _winner_first(data, where, label, ("jpg_0", "jpg_1"))
+        if columns is None:
             continue
-        if order == "tie":
-            data.ties += 1
-            continue
-        columns = ("jpg_0", "jpg_1")[:: 1 if order == 0 else -1]
         data.pairs.append(
             Pair(caption, where, lambda row=row, c=columns: (image_bytes(row, c[0]), image_bytes(row, c[1])))
         )
