@@ -20,12 +20,14 @@ def test_bundled_names_and_unknown_name():
     assert zoo.bundled_path is bundled_path
 
 
-def test_bundle_is_fp16_safetensors_within_30_mb():
-    root = bundled_path("shapes").parent
+# bundled model -> its weight files: text_encoder, unet, vae, clip / text_encoder(_2), transformer, vae
+@pytest.mark.parametrize("name", ["shapes", "shapes-flow"])
+def test_bundle_is_fp16_safetensors_within_30_mb(name):
+    root = bundled_path(name).parent
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert total <= 30 * 2**20, total / 2**20
     weights = list(root.rglob("*.safetensors"))
-    assert len(weights) == 4  # text_encoder, unet, vae, clip
+    assert len(weights) == 4
     for w in weights:
         with safe_open(str(w), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, w
