@@ -58,9 +58,9 @@ def text_encoder_with_projection(clip):
     return encoder.eval()
 
 
-def assemble_pipeline(shapes: Path, transformer=None):
-    """A `StableDiffusion3Pipeline` of the bundled shapes VAE and CLIP text tower (twice) around `transformer`
-    (a fresh one when None); fp32."""
+def assemble_pipeline(shapes: Path):
+    """A `StableDiffusion3Pipeline` of the shapes VAE and CLIP text tower (twice) from the `shapes` build
+    folder around a fresh transformer; fp32."""
     from diffusers import AutoencoderKL, StableDiffusion3Pipeline
     from transformers import CLIPModel
 
@@ -72,7 +72,7 @@ def assemble_pipeline(shapes: Path, transformer=None):
     tokenizer = clip_tokenizer()
     tokenizer.model_max_length = models.FLOW_CLIP_TOKENS
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer if transformer is not None else models.build_flow_transformer(),
+        transformer=models.build_flow_transformer(),
         scheduler=models.build_flow_scheduler(),
         vae=vae.eval(),
         text_encoder=text_encoder_with_projection(clip),
