@@ -11,7 +11,10 @@ import json
 
 from diffusion_align.errors import UserError
 
-HELP = "Fine-tune a diffusion model's LoRA on a reward (DDPO, D3PO, AlignProp, DRaFT, PRDP)."
+HELP = (
+    "Fine-tune a diffusion model's LoRA on a reward or preference pairs (DDPO, Flow-GRPO, DiffusionNFT, "
+    "D3PO, AlignProp, DRaFT, PRDP, Diffusion-DPO, reward-filtered SFT)."
+)
 
 _EPILOG = """\
 examples:
