@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffusion_align.math.multi_objective import dominates, signed_objectives
+
 
 def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:
     """Advantages clamped to [-max_abs, max_abs] (DDPO adv_clip_max = 5)."""
@@ -72,13 +74,9 @@ def preference_pairs(rewards: Tensor, weights: Tensor | None = None) -> tuple[Te
     wins if it is >= on every counted component and > on at least one; ties and incomparable pairs are not
     decisive (D3PO drops them), and so is every pair when no component counts.
     """
-    if weights is not None:
-        weights = torch.as_tensor(weights, dtype=rewards.dtype, device=rewards.device)
-        counted = weights != 0
-        rewards = rewards[..., counted] * weights[counted]
+    rewards = signed_objectives(rewards, weights)
     a, b = rewards[:, 0], rewards[:, 1]
-    a_dominates = (a >= b).all(-1) & (a > b).any(-1)
-    b_dominates = (b >= a).all(-1) & (b > a).any(-1)
+    a_dominates, b_dominates = dominates(a, b), dominates(b, a)
     return b_dominates.long(), a_dominates | b_dominates
 
 
