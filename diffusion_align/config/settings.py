@@ -228,9 +228,11 @@ _STRATEGY_RANGES = {
     ),
     "alignprop": dict(
         truncation_std=NON_NEGATIVE, truncation_low=at_least(0), truncation_high=at_least(1),
-        truncation_fixed=at_least(0), loss_scale=Range(), kl_beta=NON_NEGATIVE,
+        truncation_fixed=at_least(0), loss_scale=Range(), kl_beta=NON_NEGATIVE, balance_ema=PROBABILITY,
     ),
-    "draft": dict(k=at_least(0), lv_draws=at_least(0), loss_scale=Range(), kl_beta=NON_NEGATIVE),
+    "draft": dict(
+        k=at_least(0), lv_draws=at_least(0), loss_scale=Range(), kl_beta=NON_NEGATIVE, balance_ema=PROBABILITY,
+    ),
     "diffusion_dpo": dict(
         beta=POSITIVE, group_size=at_least(2), ref_update_every=at_least(0),
         empty_prompt_fraction=PROBABILITY, num_inner_epochs=at_least(1), noise_draws=at_least(1),

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from diffusion_align.errors import UserError
 from diffusion_align.math.losses import clip_advantages, ppo_clip_loss
+from diffusion_align.math.multi_objective import non_dominated, signed_objectives
 from diffusion_align.math.stat_tracking import PerPromptStatTracker, group_advantages
 from diffusion_align.methods.distributed import LocalGroup
 from diffusion_align.methods.strategies.sampling import (
@@ -66,6 +67,11 @@ class DDPOConfig:
     # Drop samples whose advantage is 0 (a group of equal rewards) from the update, as flow_grpo does: the
     # rest keep the whole objective's weight. Each process keeps the number of optimizer steps it planned.
     filter_zero_advantages: bool = False
+    # Parrot's batch-wise Pareto selection (Lee et al. 2024) over the reward components (signed by their
+    # weights): only samples no other sample beats on every reward train, the rest get advantage 0 and leave
+    # the update. "batch": one front over the global batch (Parrot); "prompt": a front within each prompt's
+    # samples; "none": every sample trains on the weighted sum (the published DDPO / Flow-GRPO).
+    pareto_selection: Literal["none", "batch", "prompt"] = "none"
 
 
 @dataclass
@@ -107,6 +113,11 @@ class DDPO:
                 f"sde_window={config.sde_window} must be between 0 (SDE everywhere) and the {usable} steps "
                 f"of timestep_window={config.timestep_window} x sample.num_steps={sample.num_steps}"
             )
+        if config.pareto_selection != "none" and sum(w != 0 for w in reward.weights.values()) < 2:
+            raise UserError(
+                f"pareto_selection={config.pareto_selection} needs at least two rewards of non-zero weight "
+                f"(configured: {reward.weights}); add a second reward or set pareto_selection: none"
+            )
         self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
         self.group = group or LocalGroup()
         self.num_inner_epochs = config.num_inner_epochs
@@ -132,6 +143,10 @@ class DDPO:
         else:
             adv, per_prompt = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6), 0.0
         adv = clip_advantages(self.group.local(adv), self.config.adv_clip_max)
+        if cfg.pareto_selection != "none":
+            front = self.group.local(self.pareto_front(batch["components"], every_prompt))
+            adv = torch.where(front.to(adv.device), adv, torch.zeros_like(adv))
+            batch["metrics"]["pareto/front_fraction"] = front.float().mean().item()
         batch["advantages"] = adv
         batch["metrics"].update(
             {
@@ -144,6 +159,18 @@ class DDPO:
         if cfg.filter_zero_advantages:
             batch["metrics"]["advantage/zero_fraction"] = (adv == 0).float().mean().item()
         return batch
+
+    def pareto_front(self, components: dict[str, Tensor], every_prompt: list[str]) -> Tensor:
+        """(global batch,) bool: the samples on the Pareto front of the signed reward components, over the
+        whole batch or within each prompt's samples (`pareto_selection`)."""
+        names = list(components)
+        scores = self.group.gather(torch.stack([components[n].float() for n in names], -1))
+        objectives = signed_objectives(scores.cpu(), torch.tensor([self.reward.weights[n] for n in names]))
+        groups = None
+        if self.config.pareto_selection == "prompt":
+            ids = {p: i for i, p in enumerate(dict.fromkeys(every_prompt))}
+            groups = torch.tensor([ids[p] for p in every_prompt])
+        return non_dominated(objectives, groups)
 
     def sde_steps(self, generator) -> tuple[list[float] | None, Tensor | None]:
         """Flow-GRPO-Fast's window: (per-step noise levels, its step indices), or (None, None) without one.
@@ -175,7 +202,7 @@ class DDPO:
         else:
             step_order = trained_steps(n, num_steps, cfg.timestep_window, cfg.timestep_fraction, generator)
         steps = step_rows(order, batch_size)
-        if cfg.filter_zero_advantages:
+        if cfg.filter_zero_advantages or cfg.pareto_selection != "none":
             steps = without_zero_advantages(steps, batch["advantages"])
         # ddpo-pytorch: an inner loop over each sample's shuffled steps
         return [per_step_micros(batch, rows, step_order, micro_batch_size, "rows") for rows in steps]

@@ -32,6 +32,7 @@ from torch import Tensor
 from diffusion_align.engine.rollout import rollout
 from diffusion_align.errors import UserError
 from diffusion_align.math.losses import sample_truncation
+from diffusion_align.math.multi_objective import min_norm_coefficients
 from diffusion_align.methods.distributed import LocalGroup
 from diffusion_align.methods.strategies.sampling import (
     noise_seeds,
@@ -53,6 +54,11 @@ class AlignPropConfig:
     loss_scale: float = 0.01  # loss = -loss_scale * reward (official loss_coeff 0.01)
     gradient_checkpointing: bool = True  # recompute each UNet call of the window in backward (official)
     kl_beta: float = 0.0  # weight of KL(policy || base model) over the window's steps; 0 = the published one
+    # MARBLE-style balancing of several differentiable rewards: each reward's gradient (weight-signed)
+    # separately, combined at their min-norm point (MGDA) instead of by the fixed weights
+    gradient_balance: bool = False
+    balance_normalize: bool = True  # unit-length per-reward gradients before the solve (scale-free, MARBLE)
+    balance_ema: float = 0.0  # smoothing of the coefficients across micro-batches (MARBLE: EMA); 0 = none
 
 
 @dataclass
@@ -62,6 +68,11 @@ class DRaFTConfig:
     loss_scale: float = 1.0  # loss = -loss_scale * reward
     gradient_checkpointing: bool = True  # recompute each UNet call of the window in backward
     kl_beta: float = 0.0  # weight of KL(policy || base model) over the window's steps; 0 = the published one
+    # MARBLE-style balancing of several differentiable rewards: each reward's gradient (weight-signed)
+    # separately, combined at their min-norm point (MGDA) instead of by the fixed weights
+    gradient_balance: bool = False
+    balance_normalize: bool = True  # unit-length per-reward gradients before the solve (scale-free, MARBLE)
+    balance_ema: float = 0.0  # smoothing of the coefficients across micro-batches (MARBLE: EMA); 0 = none
 
 
 class _RewardBackprop:
@@ -75,8 +86,16 @@ class _RewardBackprop:
                 "not differentiable; use a differentiable reward (e.g. shapes_color_soft, aesthetic, hpsv2, "
                 "pickscore) or a likelihood strategy (ddpo, d3po, prdp)"
             )
+        if config.gradient_balance and sum(w != 0 for w in reward.weights.values()) < 2:
+            raise UserError(
+                f"gradient_balance needs at least two rewards of non-zero weight (configured: "
+                f"{reward.weights}); add a second reward or set gradient_balance: false"
+            )
+        if not 0 <= config.balance_ema < 1:
+            raise UserError(f"balance_ema={config.balance_ema} must be in [0, 1)")
         self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
         self.group = group or LocalGroup()
+        self.balance = None  # the smoothed min-norm coefficients (gradient_balance with balance_ema > 0)
 
     @torch.no_grad()
     def collect(self, prompts: list[str], generator) -> dict:
@@ -119,27 +138,57 @@ class _RewardBackprop:
         if draws > 0:
             x0 = latents[r, -1]
             t = batch["timesteps"][-1]
-            totals = []
+            scored = []
             for _ in range(draws):
                 z = randn_tensor(x0.shape, generator=gens, device=device, dtype=x0.dtype)
                 x1 = self.policy.sampler.add_noise(x0, z, t)
                 traj = self.denoise(x1, len(batch["timesteps"]) - 1, embeds, gens)
-                totals.append(self.reward.score(traj.images, prompts)[0])
+                scored.append(self.reward.score(traj.images, prompts))
                 kls += self.window_kl(traj, len(batch["timesteps"]) - 1, embeds)
-            total = torch.stack(totals).mean(0)
+            total = torch.stack([t for t, _ in scored]).mean(0)
+            parts = {n: torch.stack([p[n] for _, p in scored]).mean(0) for n in scored[0][1]}
         else:
             traj = self.denoise(latents[r, micro["cut"]], micro["cut"], embeds, gens)
-            total = self.reward.score(traj.images, prompts)[0]
+            total, parts = self.reward.score(traj.images, prompts)
             kls = self.window_kl(traj, micro["cut"], embeds)
-        loss = -self.config.loss_scale * total.float().mean()
         metrics = {
             "reward_with_grad": total.detach().float().mean().item(),
             "grad_steps": float(len(batch["timesteps"]) - micro["cut"]),
         }
+        if self.config.gradient_balance:
+            loss = self.balanced_loss(parts, metrics)
+        else:
+            loss = -self.config.loss_scale * total.float().mean()
         if kls:
             kl = torch.stack(kls).mean()
             loss, metrics["kl"] = loss + self.config.kl_beta * kl, kl.item()
         return loss, metrics
+
+    def balanced_loss(self, parts: dict[str, Tensor], metrics: dict[str, float]) -> Tensor:
+        """sum_k c_k L_k with L_k = -loss_scale * w_k * mean r_k, whose gradient is the min-norm point of the
+        (unit-length, with balance_normalize) per-reward gradients g_k: c_k = a_k / |g_k|, the coefficients a
+        solved on the gradients averaged over processes (so every process takes the same combination) and
+        EMA-smoothed with balance_ema. Costs one extra backward pass per reward. Logs balance/<reward> (a)
+        and balance/min_cosine (the most conflicting pair of per-reward gradients)."""
+        cfg = self.config
+        names = [n for n in parts if self.reward.weights[n] != 0]
+        losses = [-cfg.loss_scale * self.reward.weights[n] * parts[n].float().mean() for n in names]
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        grads = [flat_gradient(loss_k, params) for loss_k in losses]
+        g = self.group.gather(torch.stack(grads).double()[None]).mean(0)  # (K, P), the same on every process
+        norms = g.norm(dim=1).clamp_min(1e-30)
+        scale = 1 / norms if cfg.balance_normalize else torch.ones_like(norms)
+        unit = g * scale[:, None]
+        alpha = min_norm_coefficients(unit @ unit.T)
+        if cfg.balance_ema > 0:
+            ema = cfg.balance_ema
+            self.balance = alpha if self.balance is None else ema * self.balance + (1 - ema) * alpha
+            alpha = self.balance
+        cosine = (g / norms[:, None]) @ (g / norms[:, None]).T
+        metrics.update({f"balance/{n}": a.item() for n, a in zip(names, alpha, strict=True)})
+        metrics["balance/min_cosine"] = cosine.min().item()
+        coefficients = (alpha * scale).float().tolist()
+        return sum(c * loss_k for c, loss_k in zip(coefficients, losses, strict=True))
 
     def denoise(self, x: Tensor, start: int, embeds, gens):
         """Steps start..S-1 of the one loop from x, with gradient through every denoiser call; the
@@ -165,10 +214,19 @@ class _RewardBackprop:
         return kls
 
     def state_dict(self) -> dict:
-        return {}
+        return {} if self.balance is None else {"balance": self.balance.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if "balance" in state:
+            self.balance = torch.tensor(state["balance"], dtype=torch.float64)
+
+
+def flat_gradient(loss: Tensor, params: list[Tensor]) -> Tensor:
+    """d loss / d params as one flat vector (zeros where the loss does not reach); keeps the graph."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)]
+    )
 
 
 class AlignProp(_RewardBackprop):
