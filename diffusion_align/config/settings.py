@@ -231,7 +231,8 @@ _STRATEGY_RANGES = {
         truncation_fixed=at_least(0), loss_scale=Range(), kl_beta=NON_NEGATIVE, balance_ema=PROBABILITY,
     ),
     "draft": dict(
-        k=at_least(0), lv_draws=at_least(0), loss_scale=Range(), kl_beta=NON_NEGATIVE, balance_ema=PROBABILITY,
+        k=at_least(0), lv_draws=at_least(0), loss_scale=Range(), kl_beta=NON_NEGATIVE,
+        balance_ema=PROBABILITY,
     ),
     "diffusion_dpo": dict(
         beta=POSITIVE, group_size=at_least(2), ref_update_every=at_least(0),
