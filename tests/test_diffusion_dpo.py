@@ -227,9 +227,13 @@ def test_offline_pairs_need_data_and_online_pairs_need_step_noise(sd_policy):
 
 
 # --- online pairs (flow_grpo's OnlineDPO) ------------------------------------------------------------
-def test_online_pairs_share_x_T_and_the_reward_picks_the_winner(sd_policy):
+@pytest.mark.parametrize("share", [True, False], ids=["shared-x_T", "own-x_T"])
+def test_online_pairs_share_x_T_and_the_reward_picks_the_winner(sd_policy, share):
     strategy = DiffusionDPO(
-        DiffusionDPOConfig(pairs="online", group_size=2), sd_policy, color_reward(), SAMPLE
+        DiffusionDPOConfig(pairs="online", group_size=2, share_initial_noise=share),
+        sd_policy,
+        color_reward(),
+        SAMPLE,
     )
     calls, handle = record_denoiser(sd_policy.backbone.unet)
     try:
@@ -237,7 +241,7 @@ def test_online_pairs_share_x_T_and_the_reward_picks_the_winner(sd_policy):
     finally:
         handle.remove()
     x_T = calls[0][0][4:]  # the first rollout call on [uncond, cond] x 4 samples: the cond half
-    assert torch.equal(x_T[0], x_T[1]) and torch.equal(x_T[2], x_T[3])
+    assert torch.equal(x_T[0], x_T[1]) == share and torch.equal(x_T[2], x_T[3]) == share
     assert not torch.equal(x_T[0], x_T[2])
     assert len(batch["x0"]) == batch["global_pairs"] >= 1
     with torch.no_grad():

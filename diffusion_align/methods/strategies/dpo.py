@@ -6,8 +6,9 @@ Pairs, one of (`pairs`):
 - offline: a preference data set (`data`: JSONL, Pick-a-Pic Parquet/Arrow or a hub id; `preference_data`),
   images VAE-encoded once and cached; the trainer's prompts are ignored. Each epoch takes the next
   samples_per_epoch / 2 pairs of a per-pass shuffled order (the cursor is checkpointed).
-- online (flow_grpo's OnlineDPO): the policy samples `group_size` images per prompt from one shared x_T, the
-  configured reward ranks them, best vs worst is the pair (no pair when they tie); the sampled latents are x0.
+- online (flow_grpo's OnlineDPO): the policy samples `group_size` images per prompt (from one shared x_T
+  unless `share_initial_noise: false`), the configured reward ranks them, best vs worst is the pair (no pair
+  when they tie); the sampled latents are x0.
 Loss per pair: one noise and one t for winner and loser (t uniform over the training timesteps), x_t from
 the sampler's forward process, the denoising error |pred - target|^2 (mean over latent dims; target = noise
 for epsilon-prediction SD, noise - x0 for flow models) under the policy and the reference, then
@@ -50,7 +51,10 @@ class DiffusionDPOConfig:
     pairs: Literal["offline", "online"] = "offline"  # a preference data set, or pairs the policy samples
     data: str | None = None  # offline: .jsonl, Parquet/Arrow file or folder (Pick-a-Pic layout) or hub id
     data_split: str = "train"  # hub datasets: the split
-    group_size: int = 2  # online: images per prompt from one x_T; best vs worst by the reward
+    group_size: int = 2  # online: images per prompt; best vs worst by the reward
+    # online: one x_T per group (flow_grpo's same_latent), so a pair differs only through the step noise;
+    # False: each image its own x_T (more different pairs: DPO needs no log-prob of the chain)
+    share_initial_noise: bool = True
     ref_update_every: int = 0  # optimizer steps between copies of the policy into the reference; 0 = base
     empty_prompt_fraction: float = 0.0  # captions replaced by "" (Salesforce train.py's default is 0.2)
     noise_draws: int = 1  # (t, noise) draws per pair and epoch (the paper: 1; more = less gradient noise)
@@ -64,10 +68,10 @@ class DiffusionDPO:
             raise UserError(
                 "diffusion_dpo with pairs: offline needs strategy.data (a JSONL, Parquet or hub id)"
             )
-        if config.pairs == "online" and sample.eta <= 0:
+        if config.pairs == "online" and config.share_initial_noise and sample.eta <= 0:
             raise UserError(
                 "diffusion_dpo online pairs share x_T, so they differ only through the step noise: set "
-                "sample.eta > 0"
+                "sample.eta > 0 (or strategy.share_initial_noise: false)"
             )
         if not hasattr(policy.sampler, "training_target"):
             raise UserError(
@@ -102,7 +106,9 @@ class DiffusionDPO:
                 self.order.seed = int(self.group.gather(seed)[0])
             batch = self._collect_offline(len(gens))
         else:
-            batch = sample_groups(self, prompts, every, size, True, "diffusion_dpo")  # x_T per group
+            batch = sample_groups(
+                self, prompts, every, size, self.config.share_initial_noise, "diffusion_dpo"
+            )
             batch = self._online_pairs(batch, size)
         keep = batch.pop("slots")
         gens = [gens[k] for k in keep]
