@@ -5,7 +5,7 @@
 
 Reads each run folder's summary.json (`eval_before_components` / `eval_after_components`) and prints a
 Markdown table (`--out FILE` also writes it), with the run's seed and epochs; a kept best-gold checkpoint
-(guard) adds its row. Nothing is recomputed here: the numbers are the runs' own held-out evaluations.
+(guard.json) adds its row. Nothing is recomputed here: the numbers are the runs' own held-out evaluations.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def rows(run: Path, metrics: list[str]) -> list[str]:
     name = f"{run.name} (seed {config['train']['seed']}, {summary['epochs']} epochs)"
     cells = [f"{before.get(m, float('nan')):.3f} → {after.get(m, float('nan')):.3f}" for m in metrics]
     out = [f"| {name} | " + " | ".join(cells) + " |"]
-    best = (summary.get("guard") or {}).get("best")
+    guard = run / "guard.json"
+    best = json.loads(guard.read_text()).get("best") if guard.is_file() else None
     if best and (run / "checkpoints" / "best").is_dir():
         kept = [f"{best['eval'].get(m, float('nan')):.3f}" for m in metrics]
         out.append(f"| ↳ kept best-gold checkpoint (epoch {best['epoch']}) | " + " | ".join(kept) + " |")

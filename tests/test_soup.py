@@ -132,3 +132,20 @@ def test_sweep_writes_the_table_and_the_front(loras, tmp_path):
     assert ends[0] != ends[1]  # the adapters make different images
     for name in ("front.png", "grids/w_0.500_0.500.png", f"soups/w_1.000_0.000/{WEIGHTS}"):
         assert (out / name).is_file(), name
+
+
+def test_sweep_rewards_keep_the_args_the_config_gives_them():
+    from diffusion_align.commands.soup_sweep import sweep_rewards
+
+    config = load_config(
+        {
+            "rewards": [{"name": "jpeg_compressibility", "args": {"quality": 50}}],
+            "eval_rewards": [{"name": "clip", "args": {"pretrained": "shapes-clip"}}],
+        }
+    )
+    settings = sweep_rewards(["clip", "jpeg_compressibility", "shapes_color"], config)
+    assert [(s.name, s.args) for s in settings] == [
+        ("clip", {"pretrained": "shapes-clip"}),
+        ("jpeg_compressibility", {"quality": 50}),
+        ("shapes_color", {}),
+    ]

@@ -33,8 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sweep", type=int, metavar="N", help="evaluate a grid of N weights per simplex edge"
     )
     parser.add_argument("--prompts", help="--sweep: prompt list (built-in name, .txt or .jsonl)")
-    parser.add_argument("--count", type=int, default=16, help="--sweep: the first COUNT prompts (default 16)")
-    parser.add_argument("--rewards", nargs="+", metavar="REWARD", help="--sweep: 2 or 3 registered rewards")
+    parser.add_argument(
+        "--count",
+        type=int,
+        default=16,
+        help="--sweep: the first COUNT prompts (default 16), each drawn prompts.eval_images_per_prompt times",
+    )
+    parser.add_argument(
+        "--rewards",
+        nargs="+",
+        metavar="REWARD",
+        help="--sweep: 2 or 3 registered rewards (with the args the --config gives them)",
+    )
     parser.add_argument("--model", help="--sweep: base model (default: the one the LoRAs record)")
     parser.add_argument("--config", help="--sweep: a YAML config for the model and sampling settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -40,7 +40,6 @@ def sweep(args) -> list[dict]:
     from diffusion_align.builder import eval_sampling
     from diffusion_align.config import load_config
     from diffusion_align.config.registry import build_backbone, build_reward, build_sampler
-    from diffusion_align.config.settings import RewardSettings
     from diffusion_align.engine.lora_files import check_lora_fits
     from diffusion_align.engine.lora_soup import Adapter, write_soup
     from diffusion_align.prompts import load_prompts
@@ -54,12 +53,15 @@ def sweep(args) -> list[dict]:
     model = args.model or next((a.base for a in adapters if a.base), None)
     overrides = [f"model.pretrained={json.dumps(model)}"] if model else []
     config = load_config(args.config or {}, overrides)
-    prompts = load_prompts(args.prompts or config.prompts.eval)[: args.count]
+    per_prompt = config.prompts.eval_images_per_prompt  # each image its own seed, as the trainer evaluates
+    prompts = [
+        q for q in load_prompts(args.prompts or config.prompts.eval)[: args.count] for _ in range(per_prompt)
+    ]
     if not prompts:
         raise UserError("soup --sweep: no prompts; pass --prompts (a built-in list, .txt or .jsonl)")
     backbone = build_backbone(config.model)
     sampler = build_sampler(backbone, config.sample)
-    reward = build_reward([RewardSettings(name=r) for r in args.rewards], backbone.device)
+    reward = build_reward(sweep_rewards(args.rewards, config), backbone.device)
     out = Path(args.out)
     rows = []
     for weights in simplex_grid(len(adapters), args.sweep):
@@ -82,6 +84,17 @@ def sweep(args) -> list[dict]:
     write_tables(rows, reward.names, args.adapters, out)
     plot_front(rows, reward.names, out / "front.png")
     return rows
+
+
+def sweep_rewards(names: list[str], config) -> list:
+    """RewardSettings for `names`: a reward the config lists (eval_rewards first, then rewards) keeps its args
+    there (e.g. `clip` on `shapes-clip`), any other is built by name with its defaults."""
+    from diffusion_align.config.settings import RewardSettings
+
+    configured = {}
+    for r in [*config.rewards, *config.eval_rewards]:
+        configured[r.name] = r
+    return [RewardSettings(name=n, args=dict(configured[n].args) if n in configured else {}) for n in names]
 
 
 def write_tables(rows: list[dict], names: list[str], adapters: list[str], out: Path) -> None:
