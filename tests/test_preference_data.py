@@ -225,3 +225,34 @@ def test_the_pairs_command_writes_reward_labelled_pairs_the_reader_reads(tmp_pat
     data = read_pairs(str(tmp_path / "pairs" / "pairs.jsonl"))
     assert len(data.pairs) + data.ties == 3 and not data.skipped
     assert main(["pairs", str(config), "--out", str(tmp_path / "pairs"), "--count", "1"]) == 2  # not empty
+
+
+def test_shared_noise_pairs_are_one_file_for_dpo_and_d3po_human_labels(tmp_path):
+    """`pairs --shared-noise` writes D3PO's pairs with their seeds: Diffusion-DPO reads the images, and D3PO,
+    given the same file as human labels, regenerates exactly the images that were written (same x_T per pair)
+    with the file's winners."""
+    from diffusion_align.cli import main
+    from diffusion_align.config.registry import build_backbone, build_policy, build_reward
+    from diffusion_align.methods.strategies.d3po import D3PO, D3POConfig
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "model: {pretrained: tiny-sd}\nsample: {num_steps: 2, batch_size: 4, guidance_scale: 1.0, eta: 1.0}\n"
+        "rewards: [{name: shapes_color_soft}]\nprompts: {train: shapes_train}\n"
+    )
+    out = tmp_path / "pairs"
+    assert main(["pairs", str(config), "--out", str(out), "--count", "3", "--shared-noise"]) == 0
+    rows = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["seed"], int) for r in rows)
+    assert len(read_pairs(str(out / "pairs.jsonl")).pairs) == 3  # the DPO reader takes it as it is
+    loaded = load_config(config)
+    policy = build_policy(build_backbone(loaded.model), loaded.sample, loaded.lora)
+    strategy = D3PO(
+        D3POConfig(human_labels=str(out / "pairs.jsonl")), policy, build_reward(loaded.rewards), loaded.sample
+    )
+    batch = strategy.collect(["ignored"] * 6, torch.Generator().manual_seed(0))
+    images = policy.backbone.decode(batch["latents"][:, -1]).clamp(0, 1)
+    written = torch.stack([load_image(out / r[f"image_{i}"], (32, 32)) for r in rows for i in (0, 1)])
+    assert (images - written).abs().max() <= 1 / 255 + 1e-6  # the PNGs, to 8-bit rounding
+    winners = [2 * k + (0 if r["label_0"] == 1 else 1) for k, r in enumerate(rows)]
+    assert batch["win"].tolist() == winners

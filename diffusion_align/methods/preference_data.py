@@ -2,9 +2,10 @@
 
 - JSONL, one pair per line, image paths relative to the file:
       {"prompt": "a red circle", "image_w": "a.png", "image_l": "b.png"}
-      {"prompt": "a red circle", "image_0": "a.png", "image_1": "b.png", "label_0": 1}
-  label_0 is Pick-a-Pic's: 1 = image_0 preferred, 0 = image_1 preferred, 0.5 = a tie. `caption` is read
-  as the prompt when `prompt` is absent.
+      {"prompt": "a red circle", "image_0": "a.png", "image_1": "b.png", "label_0": 1, "seed": 7}
+  label_0 is Pick-a-Pic's: 1 = image_0 preferred, 0 = image_1 preferred, 0.5 = a tie (`preferred`: 0 | 1,
+  the preferred image, is read too). `caption` is read as the prompt when `prompt` is absent. A `seed` lets
+  D3PO regenerate the pair (`read_seeded_labels`: D3PO's human labels are this format, images optional).
 - Local Parquet or Arrow files (a file or a folder of them) in the Pick-a-Pic v2 layout: columns caption,
   jpg_0, jpg_1 (encoded image bytes), label_0. Needs `pyarrow`; a file's image columns are read only when
   one of its pairs is first used.
@@ -45,6 +46,8 @@ class Pair:
     prompt: str
     where: str  # "pairs.jsonl line 17" / "train.parquet row 16": how a report names it
     images: Callable[[], tuple]  # -> (winner, loser), each a Path or encoded bytes
+    seed: int | None = None  # JSONL rows that name one: the pair can be regenerated from it (D3PO)
+    order: tuple[int, int] = (0, 1)  # (winner, loser) as image 0 / image 1 of the row
 
 
 @dataclass
@@ -87,7 +90,9 @@ def read_pairs(source: str, split: str = "train") -> PairData:
 
 
 # --- JSONL -------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> PairData:
+def _read_jsonl(path: Path, need: str = "images") -> PairData:
+    """need "images": pairs whose two image files exist (Diffusion-DPO); "seed": pairs with an integer `seed`
+    (D3PO's human labels, regenerated from the seed), images optional."""
     data = PairData(str(path))
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -105,21 +110,66 @@ def _read_jsonl(path: Path) -> PairData:
         if not isinstance(prompt, str) or not prompt.strip():
             data.skip(where, "no prompt")
             continue
-        if "image_w" in row and "image_l" in row:
-            names = (row["image_w"], row["image_l"])
-        elif {"image_0", "image_1", "label_0"} <= row.keys():
-            names = _winner_first(data, where, row["label_0"], (row["image_0"], row["image_1"]))
-            if names is None:
-                continue
-        else:
-            data.skip(where, "needs image_w and image_l, or image_0, image_1 and label_0")
+        order = _preferred_first(data, where, row)
+        if order is None:
             continue
-        files = [path.parent / str(name) for name in names]
+        seed = row.get("seed")
+        if need == "seed":
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                data.skip(where, f"needs an integer seed to regenerate the pair, got {seed!r}")
+                continue
+            data.pairs.append(Pair(prompt, where, lambda: (), seed=seed, order=order))
+            continue
+        names = (
+            (row.get("image_w"), row.get("image_l"))
+            if "image_w" in row
+            else (row.get("image_0"), row.get("image_1"))
+        )
+        if None in names:
+            data.skip(where, "needs image_w and image_l, or image_0 and image_1 (files)")
+            continue
+        files = [path.parent / str(names[i]) for i in order]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             data.skip(where, f"image file not found: {missing[0]}")
             continue
-        data.pairs.append(Pair(prompt, where, lambda files=files: tuple(files)))
+        data.pairs.append(Pair(prompt, where, lambda files=files: tuple(files), seed=seed, order=order))
+    return data
+
+
+def _preferred_first(data: PairData, where: str, row: dict) -> tuple[int, int] | None:
+    """(winner, loser) as indices of image 0/1 of a JSONL row: from `image_w`/`image_l` (winner first),
+    Pick-a-Pic's `label_0` or `preferred` (0 | 1, the preferred image); None for a tie or a bad row."""
+    if "image_w" in row and "image_l" in row:
+        return (0, 1)
+    if "label_0" in row:
+        return _winner_first(data, where, row["label_0"], (0, 1))
+    if "preferred" in row:
+        if row["preferred"] not in (0, 1) or isinstance(row["preferred"], bool):
+            data.skip(where, f"preferred must be 0 (image 0) or 1 (image 1), got {row['preferred']!r}")
+            return None
+        return (row["preferred"], 1 - row["preferred"])
+    data.skip(where, "needs image_w and image_l, or image_0, image_1 and label_0 (or preferred)")
+    return None
+
+
+def read_seeded_labels(path: str | Path) -> PairData:
+    """Preference rows that name a `seed` (D3PO's human labels: the pair is regenerated from it), from the
+    same JSONL layout as the offline pairs: label_0 (Pick-a-Pic) or preferred (0 | 1); images optional, so
+    a `diffusion-align pairs --shared-noise` file, relabelled by people, is one. Each pair's `order` is
+    (winner, loser) as 0/1. Bad rows are reported by line and skipped; ties dropped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"human labels {path} not found: a JSONL of {{prompt, seed, label_0}} lines (`diffusion-align "
+            "pairs --shared-noise` writes one to relabel)"
+        )
+    data = _read_jsonl(path, need="seed")
+    if not data.pairs:
+        raise UserError(
+            f"human labels {path} hold no usable pair ({len(data.skipped)} rows skipped, {data.ties} ties "
+            "dropped)" + (f"; first: {data.skipped[0]}" if data.skipped else "")
+        )
     return data
 
 

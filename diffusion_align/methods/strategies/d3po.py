@@ -5,12 +5,14 @@ Preference, one of:
 - from the reward: Pareto dominance over the reward components, each counted as its signed weight in the total
   times its value (a negatively weighted component is preferred smaller, a zero-weight, log-only one is
   ignored; one component: the larger total wins); ties and incomparable pairs are dropped;
-- from human labels, a JSONL file (`human_labels`), one pair per line:
-      {"prompt": "a red circle", "seed": 7, "preferred": 0}
-  The pair is regenerated exactly by the frozen base model (`render_pairs`): x_T and image 0's step noise come
-  from `torch.Generator("cpu").manual_seed(seed)` (x_T drawn first), image 1's step noise from
-  `manual_seed(seed + 2**40)`, with this config's sample settings. Label the images `render_pairs` returns
-  (0 = first, 1 = second), then train on the file; the trainer's prompts are then ignored.
+- from human labels, a JSONL file (`human_labels`) in the offline pairs' layout (`preference_data`), one
+  pair per line with the seed that regenerates it and its label (Pick-a-Pic's label_0, or preferred 0 | 1):
+      {"prompt": "a red circle", "seed": 7, "label_0": 1}
+  `diffusion-align pairs --shared-noise` writes such a file, with the images and the reward's labels, for
+  people to relabel; bad rows are reported by line and skipped, ties dropped. The pair is regenerated
+  exactly by the frozen base model (`render_pairs`): x_T and image 0's step noise come from
+  `torch.Generator("cpu").manual_seed(seed)` (x_T drawn first), image 1's step noise from
+  `manual_seed(seed + 2**40)`, with this config's sample settings; the trainer's prompts are then ignored.
 Loss per pair and trained step (steps shuffled per pair, shared by both members, as in DDPO):
   -log sigmoid(beta * log clamp(pi/pi_ref, 1-eps, 1+eps)[win] - beta * log clamp(...)[lose]), beta 0.1,
   eps 0.1 (the fixed 0.9-1.1 range, d3po#4); the reference is the base model (LoRA disabled).
@@ -18,9 +20,7 @@ Loss per pair and trained step (steps shuffled per pair, shared by both members,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from torch import Tensor
 from diffusion_align.errors import UserError
 from diffusion_align.math.losses import d3po_loss, preference_pairs
 from diffusion_align.methods.distributed import LocalGroup
+from diffusion_align.methods.preference_data import read_seeded_labels
 from diffusion_align.methods.strategies.sampling import (
     image_size,
     per_sample_generators,
@@ -49,7 +50,7 @@ class D3POConfig:
     eps: float = 0.1  # ratio clamp to [1-eps, 1+eps], inside the sigmoid
     num_inner_epochs: int = 1  # passes over each collected batch
     timestep_fraction: float = 1.0  # share of each pair's steps that are trained (random per pair)
-    human_labels: str | None = None  # JSONL of {"prompt", "seed", "preferred": 0|1}; None = prefer by reward
+    human_labels: str | None = None  # JSONL of {"prompt", "seed", "label_0"}; None = prefer by the reward
     # weight of KL(policy || base model) per trained step, added to the loss and logged as `kl` (not in the
     # paper, DDPO's beta; free here: the reference's transition is computed anyway); 0 = the published D3PO
     kl_beta: float = 0.0
@@ -64,7 +65,10 @@ class D3PO:
         self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
         self.group = group or LocalGroup()
         self.num_inner_epochs = config.num_inner_epochs
-        self.labels = read_labels(config.human_labels) if config.human_labels else None
+        self.labels = None
+        if config.human_labels:
+            pairs = read_seeded_labels(config.human_labels).pairs
+            self.labels = [{"prompt": q.prompt, "seed": q.seed, "preferred": q.order[0]} for q in pairs]
         self.cursor = 0  # next human-labelled pair (checkpointed)
 
     # --- collect -------------------------------------------------------------------------------------
@@ -172,34 +176,6 @@ class D3PO:
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state.get("cursor", 0))
-
-
-def read_labels(path: str | Path) -> list[dict]:
-    """Human preference records from JSONL; one-line errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(
-            f"D3PO human_labels file {path} not found (JSONL lines of {{prompt, seed, preferred}})"
-        )
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            record = {"prompt": str(r["prompt"]), "seed": int(r["seed"]), "preferred": int(r["preferred"])}
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(
-                f'{path}:{i}: expected {{"prompt": str, "seed": int, "preferred": 0|1}} ({e})'
-            ) from e
-        if record["preferred"] not in (0, 1):
-            raise UserError(
-                f"{path}:{i}: preferred must be 0 (first image) or 1 (second), got {record['preferred']}"
-            )
-        records.append(record)
-    if not records:
-        raise UserError(f"D3PO human_labels file {path} holds no records")
-    return records
 
 
 @torch.no_grad()
