@@ -36,12 +36,12 @@ class MetaPipeline:
 
 def build_meta_pipeline(pretrained: str, revision: str | None = None) -> MetaPipeline:
     """`pretrained` as the training config names it: a built-in name, a local pipeline folder or a hub id."""
-    from diffusion_align.bundled import BUNDLED
+    from diffusion_align.bundled import BUNDLED, bundled_path
 
     builtin = _tiny_pipeline(pretrained)
     if builtin is not None:
         return _from_pipeline(builtin)
-    path = str(BUNDLED[pretrained]) if pretrained in BUNDLED else pretrained
+    path = str(bundled_path(pretrained)) if pretrained in BUNDLED else pretrained
     index = _read_index(path, revision)
     class_name = index.get("_class_name", "?")
     if class_name not in SUPPORTED_PIPELINES:
