@@ -21,6 +21,7 @@ COMMANDS = {
     "reno": "reno",
     "pairs": "pairs",
     "soup": "soup",
+    "plan": "plan",
 }
 
 

@@ -34,14 +34,8 @@ class Policy:
     ):
         """target_modules: None = the backbone's `lora_targets`."""
         self.backbone, self.sampler = backbone, sampler
-        self.lora_config = LoraConfig(
-            r=rank,
-            lora_alpha=alpha if alpha is not None else rank,
-            lora_dropout=dropout,
-            init_lora_weights="gaussian",  # B = 0: the policy starts exactly at the base model
-            target_modules=list(target_modules or backbone.lora_targets),
-        )
-        _add_adapter(backbone.unet, self.lora_config)
+        self.lora_config = lora_config(rank, alpha, dropout, target_modules or backbone.lora_targets)
+        add_lora(backbone.unet, self.lora_config)
         for p in self.parameters():  # fp32 master weights even when the base model is fp16/bf16
             p.data = p.data.float()
 
@@ -159,9 +153,20 @@ class Policy:
             p.data = p.data.float()
 
 
+def lora_config(rank: int, alpha: float | None, dropout: float, target_modules) -> LoraConfig:
+    """The policy's LoRA: alpha None = rank (scale 1); also what the memory planner attaches."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",  # B = 0: the policy starts exactly at the base model
+        target_modules=list(target_modules),
+    )
+
+
 # UNet3DConditionModel (TextToVideoSD) lacks diffusers' PeftAdapterMixin; peft attaches the same LoRA layers
 # to any module, so these two helpers give it the add/enable/disable behaviour the mixin gives other UNets.
-def _add_adapter(unet: torch.nn.Module, config: LoraConfig) -> None:
+def add_lora(unet: torch.nn.Module, config: LoraConfig) -> None:
     if hasattr(unet, "add_adapter"):
         unet.add_adapter(config, adapter_name=ADAPTER)
         return
