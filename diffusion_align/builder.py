@@ -228,7 +228,7 @@ def eval_sampling(s) -> EvalSampling:
 
 
 def sharding_mode(config: Config) -> str:
-    """"fsdp" or "none": `model.shard`, or when unset the launcher's choice (configs/accelerate/fsdp.yaml)."""
+    """`model.shard` ("fsdp" or "none"), or when unset the launcher's (configs/accelerate/fsdp.yaml)."""
     launched_fsdp = os.environ.get(FSDP_LAUNCH_ENV, "false").lower() == "true"
     shard = config.model.shard or ("fsdp" if launched_fsdp else "none")
     if launched_fsdp and shard != "fsdp":
@@ -244,7 +244,7 @@ def sharding_mode(config: Config) -> str:
     s = config.strategy
     if shard == "fsdp" and getattr(s, "truncation", "fixed") != "fixed":
         raise UserError(
-            f"AlignProp's random truncation={s.truncation} draws a different gradient window on each process, "
+            f"AlignProp's random truncation={s.truncation} draws a different gradient window per process, "
             "which a sharded denoiser cannot follow (every process must run the same blocks): set "
             "strategy.truncation=fixed, use model.shard=none, or use DRaFT"
         )
