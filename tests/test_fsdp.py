@@ -105,9 +105,10 @@ def test_ddpo_sharded_by_the_fsdp_launch_config_matches_one_process(ddpo):
     assert diff < 1e-5  # float32 summation order of the gradient all-reduce and accumulation
     assert two["eval_after"] == pytest.approx(one["eval_after"], abs=1e-3)
     full = full_denoiser_bytes()
-    print(f"frozen denoiser bytes per process: unsharded {one['denoiser_bytes_per_process']}, sharded {two['denoiser_bytes_per_process']} (full model {full})")  # fmt: skip
-    assert not one["sharded"] and one["denoiser_bytes_per_process"] == [full]
-    for held in two["denoiser_bytes_per_process"]:
+    unsharded, sharded = one["denoiser_bytes_per_process"], two["denoiser_bytes_per_process"]
+    print(f"frozen denoiser bytes per process: unsharded {unsharded}, sharded {sharded} (full model {full})")
+    assert not one["sharded"] and unsharded == [full]
+    for held in sharded:
         assert 0.45 * full <= held <= 0.55 * full
 
 
@@ -140,7 +141,8 @@ def test_sigkilled_sharded_run_resumes_to_the_uninterrupted_one_on_two_processes
     on_one = Path(shutil.copytree(out, tmp_path / "on_one"))
 
     resume = ["checkpoint.resume=latest", "model.shard=fsdp"]
-    run([*torchrun("--nproc_per_node", "2", "--master_port", str(free_port())), *TRAIN, str(path), f"output_dir={out}", *resume])  # fmt: skip
+    launch = torchrun("--nproc_per_node", "2", "--master_port", str(free_port()))
+    run([*launch, *TRAIN, str(path), f"output_dir={out}", *resume])
     assert summary_of(out)["epochs"] == 3 and summary_of(out)["sharded"]
     diff = lora_diff(folder / "two" / "lora", out / "lora")
     print(f"sharded resume after SIGKILL vs uninterrupted, two processes: max |dLoRA| = {diff:.3g}")
@@ -177,7 +179,8 @@ def test_draft_on_two_machines_simulated_with_torchrun_matches_one_process(tmp_p
     for node in nodes:
         _, err = node.communicate(timeout=900)
         assert node.returncode == 0, err[-3000:]
-    print(f"DRaFT wall: one process {one_seconds:.1f} s, two sharded 'machines' {time.perf_counter() - start:.1f} s")  # fmt: skip
+    seconds = time.perf_counter() - start
+    print(f"DRaFT wall: one process {one_seconds:.1f} s, two sharded 'machines' {seconds:.1f} s")
     two = summary_of(out)
     assert two["world_size"] == 2 and two["sharded"] and two["lora_max_rank_difference"] == 0.0
     diff = lora_diff(tmp_path / "one" / "lora", out / "lora")
@@ -185,3 +188,57 @@ def test_draft_on_two_machines_simulated_with_torchrun_matches_one_process(tmp_p
     assert diff < 1e-5
     trained = load_file(out / "lora" / LORA)
     assert max(v.abs().max().item() for k, v in trained.items() if "lora.up" in k) > 0  # B starts at 0
+
+
+@pytest.mark.slow
+def test_every_family_sharded_per_block_gives_the_full_model_output_gradient_and_half_the_bytes():
+    """SD 1.5 and SDXL UNets, SD3, FLUX and Wan transformers (tiny): forward and LoRA gradient through the
+    sharded denoiser (adapter on and off) equal those with the full weights in the same process."""
+    names = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-wan"]
+    launch = torchrun("--nproc_per_node", "2", "--master_port", str(free_port()))
+    result = subprocess.run(
+        [*launch, "tests/fsdp_families.py", *names], env=ENV, capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    families = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in names:
+        r = families[name]
+        print(f"{name}: frozen bytes per process {r['bytes'][0]} -> {r['bytes'][1]}, max |d output| "
+              f"{r['output']:.3g}, max |d grad| {r['grad']:.3g} (of {r['grad_scale']:.3g})")  # fmt: skip
+        assert r["output"] <= 1e-6 and r["grad"] <= 1e-6 * max(1.0, r["grad_scale"]) and r["grad_scale"] > 0
+        assert 0.45 * r["bytes"][0] <= r["bytes"][1] <= 0.55 * r["bytes"][0]
+
+
+@pytest.mark.parametrize(
+    "overrides, launched, message",
+    [
+        (["model.shard=none"], True, "model.shard=none contradicts the FSDP launch"),
+        (["model.shard=fsdp", "checkpoint.export_merged=true"], False, "cannot merge the LoRA into"),
+        (["strategy=alignprop", "model.shard=fsdp"], False, "different gradient window per process"),
+    ],
+    ids=["none-under-fsdp-launch", "export-merged", "alignprop-random-cut"],
+)
+def test_settings_a_sharded_run_cannot_follow_are_one_line_errors(
+    tmp_path, monkeypatch, overrides, launched, message
+):
+    from diffusion_align.builder import FSDP_LAUNCH_ENV, sharding_mode
+    from diffusion_align.config import load_config
+    from diffusion_align.errors import UserError
+
+    if launched:
+        monkeypatch.setenv(FSDP_LAUNCH_ENV, "true")
+    config = load_config(write_config(tmp_path, {"name": "ddpo"}, "jpeg_compressibility"), overrides)
+    with pytest.raises(UserError, match=message) as error:
+        sharding_mode(config)
+    assert "\n" not in str(error.value)
+
+
+def test_the_fsdp_launch_shards_and_an_explicit_setting_wins_otherwise(tmp_path, monkeypatch):
+    from diffusion_align.builder import FSDP_LAUNCH_ENV, sharding_mode
+    from diffusion_align.config import load_config
+
+    path = write_config(tmp_path, {"name": "ddpo"}, "jpeg_compressibility")
+    assert sharding_mode(load_config(path)) == "none"
+    assert sharding_mode(load_config(path, ["model.shard=fsdp"])) == "fsdp"
+    monkeypatch.setenv(FSDP_LAUNCH_ENV, "true")
+    assert sharding_mode(load_config(path)) == "fsdp"
