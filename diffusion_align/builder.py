@@ -70,8 +70,8 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
     kind = str(acc.distributed_type).split(".")[-1]
     if kind not in SUPPORTED_DISTRIBUTED:
         raise UserError(
-            f"accelerate distributed_type {kind} is not supported by the trainer yet (the LoRA is "
-            "replicated and synchronised by the trainer); launch with configs/accelerate/ddp.yaml"
+            f"accelerate distributed_type {kind} is not supported by the trainer: launch with "
+            "configs/accelerate/ddp.yaml, or configs/accelerate/fsdp.yaml to shard the frozen model"
         )
     _check_batch_sizes(config, acc.num_processes)
     start = run_folder.on_main(acc, lambda: run_folder.check_start(config, overwrite))
