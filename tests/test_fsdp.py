@@ -7,15 +7,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from safetensors.torch import load_file
+from test_train_cli import free_port
 
 from diffusion_align.cli import main
 from diffusion_align.training import checkpointing
@@ -44,12 +45,6 @@ def write_config(folder: Path, strategy: dict, reward: str, **train) -> Path:
 
 def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(command: list[str], timeout: int = 900) -> None:
@@ -126,7 +121,6 @@ def test_sigkilled_sharded_run_resumes_to_the_uninterrupted_one_on_two_processes
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: the kill takes torchrun and both workers
     )
     marker = out / "checkpoints" / ".tmp-checkpoint-000002" / checkpointing.PAUSE_MARKER
     deadline = time.time() + 600
@@ -134,7 +128,8 @@ def test_sigkilled_sharded_run_resumes_to_the_uninterrupted_one_on_two_processes
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.time() < deadline, "the run never reached the checkpoint write"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for process in [*psutil.Process(proc.pid).children(recursive=True), proc]:  # torchrun puts its workers
+        os.kill(process.pid, signal.SIGKILL)  # in sessions of their own: each is killed, as by a crash
     proc.wait()
     latest, _ = checkpointing.resolve_resume("latest", out / "checkpoints")
     assert latest.name == "checkpoint-000001"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,13 @@ from diffusion_align.cli import main
 
 LORA = "pytorch_lora_weights.safetensors"
 ACCELERATE = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def free_port() -> int:
+    """A port nobody listens on: other runs on this host may hold accelerate's default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_config(folder: Path, **train) -> Path:
@@ -87,7 +95,7 @@ def test_accelerate_two_processes_match_one_process(tmp_path):
     two = tmp_path / "two"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml"),
-        "--num_processes", "2", "--dynamo_backend", "no",
+        "--num_processes", "2", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "-m", "diffusion_align", "train", str(path), f"output_dir={two}",
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
