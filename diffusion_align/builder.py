@@ -45,6 +45,9 @@ from diffusion_align.training.trainer import Trainer
 from diffusion_align.training.training_run import EvalSampling, RunOptions, TrainingRun
 
 FSDP_LAUNCH_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with a distributed_type: FSDP config
+# Strategies whose every process calls the denoiser equally often (a sharded block runs only when all do):
+# the number of calls depends on the batch sizes alone. Checked by tests/test_fsdp.py (two processes).
+SHARDABLE_STRATEGIES = {"DDPOConfig", "FlowGRPOConfig", "DRaFTConfig", "AlignPropConfig"}
 SUPPORTED_DISTRIBUTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA"}
 
 
@@ -242,6 +245,12 @@ def sharding_mode(config: Config) -> str:
             "saved LoRA loads into the full model with diffusers' load_lora_weights + fuse_lora)"
         )
     s = config.strategy
+    if shard == "fsdp" and type(s).__name__ not in SHARDABLE_STRATEGIES:
+        raise UserError(
+            f"model.shard=fsdp runs only strategies whose processes make the same denoiser calls (ddpo, "
+            f"flow_grpo, draft, alignprop), not {type(s).__name__.removesuffix('Config')} (e.g. D3PO's "
+            "decisive pairs differ per process, so they would wait on each other): use model.shard=none"
+        )
     if shard == "fsdp" and getattr(s, "truncation", "fixed") != "fixed":
         raise UserError(
             f"AlignProp's random truncation={s.truncation} draws a different gradient window per process, "

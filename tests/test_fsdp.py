@@ -210,8 +210,9 @@ def test_every_family_sharded_per_block_gives_the_full_model_output_gradient_and
         (["model.shard=none"], True, "model.shard=none contradicts the FSDP launch"),
         (["model.shard=fsdp", "checkpoint.export_merged=true"], False, "cannot merge the LoRA into"),
         (["strategy=alignprop", "model.shard=fsdp"], False, "different gradient window per process"),
+        (["strategy=d3po", "model.shard=fsdp"], False, "not D3PO .e.g. D3PO.s decisive pairs differ"),
     ],
-    ids=["none-under-fsdp-launch", "export-merged", "alignprop-random-cut"],
+    ids=["none-under-fsdp-launch", "export-merged", "alignprop-random-cut", "d3po-uneven-calls"],
 )
 def test_settings_a_sharded_run_cannot_follow_are_one_line_errors(
     tmp_path, monkeypatch, overrides, launched, message
