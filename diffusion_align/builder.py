@@ -46,7 +46,8 @@ from diffusion_align.training.training_run import EvalSampling, RunOptions, Trai
 
 FSDP_LAUNCH_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with a distributed_type: FSDP config
 # Strategies whose every process calls the denoiser equally often (a sharded block runs only when all do):
-# the number of calls depends on the batch sizes alone. Checked by tests/test_fsdp.py (two processes).
+# the number of calls depends on the batch sizes alone. DDPO and DRaFT are checked by tests/test_fsdp.py;
+# Flow-GRPO runs DDPO's code, AlignProp with a fixed cut DRaFT's.
 SHARDABLE_STRATEGIES = {"DDPOConfig", "FlowGRPOConfig", "DRaFTConfig", "AlignPropConfig"}
 SUPPORTED_DISTRIBUTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA"}
 
