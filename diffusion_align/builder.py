@@ -17,6 +17,7 @@ what is saved is fixed when the run is built, and the loop handles text, not con
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -33,6 +34,7 @@ from diffusion_align.config.registry import (
     custom_components,
 )
 from diffusion_align.config.settings import Config
+from diffusion_align.engine.sharding import shard_denoiser
 from diffusion_align.errors import ConfigError, UserError
 from diffusion_align.methods.distributed import AccelerateGroup, LocalGroup
 from diffusion_align.methods.strategies import strategy_class
@@ -42,6 +44,11 @@ from diffusion_align.training.guard import Guard
 from diffusion_align.training.trainer import Trainer
 from diffusion_align.training.training_run import EvalSampling, RunOptions, TrainingRun
 
+FSDP_LAUNCH_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with a distributed_type: FSDP config
+# Strategies whose every process calls the denoiser equally often (a sharded block runs only when all do):
+# the number of calls depends on the batch sizes alone. DDPO and DRaFT are checked by tests/test_fsdp.py;
+# Flow-GRPO runs DDPO's code, AlignProp with a fixed cut DRaFT's.
+SHARDABLE_STRATEGIES = {"DDPOConfig", "FlowGRPOConfig", "DRaFTConfig", "AlignPropConfig"}
 SUPPORTED_DISTRIBUTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA"}
 
 
@@ -61,12 +68,14 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
     # Processes started by torchrun on a machine without CUDA form a CPU (gloo) group only with cpu=True.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = config.model.device == "cpu" or (launched and not torch.cuda.is_available())
-    acc = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu)
+    shard = sharding_mode(config)
+    with _without_env(FSDP_LAUNCH_ENV):  # the trainer shards the denoiser itself (`engine.sharding`)
+        acc = Accelerator(mixed_precision=t.mixed_precision, cpu=cpu)
     kind = str(acc.distributed_type).split(".")[-1]
     if kind not in SUPPORTED_DISTRIBUTED:
         raise UserError(
-            f"accelerate distributed_type {kind} is not supported by the trainer yet (the LoRA is "
-            "replicated and synchronised by the trainer); launch with configs/accelerate/ddp.yaml"
+            f"accelerate distributed_type {kind} is not supported by the trainer: launch with "
+            "configs/accelerate/ddp.yaml, or configs/accelerate/fsdp.yaml to shard the frozen model"
         )
     _check_batch_sizes(config, acc.num_processes)
     start = run_folder.on_main(acc, lambda: run_folder.check_start(config, overwrite))
@@ -74,6 +83,8 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
     torch.manual_seed(derive_seed(t.seed, acc.process_index, 7))  # dropout etc.; saved with the RNG state
     backbone = build_backbone(dataclasses.replace(config.model, device=str(acc.device)))
     policy = build_policy(backbone, config.sample, config.lora)
+    if shard == "fsdp" and acc.num_processes > 1:  # after the LoRA is added: it stays outside the shards
+        shard_denoiser(backbone.unet, policy.parameters(), acc.device)
     reward = build_reward(config.rewards, acc.device, record=True)  # the trainer logs every call
     eval_reward = build_reward(config.eval_rewards, acc.device) if config.eval_rewards else None
     guard = build_guard(config, reward, eval_reward)
@@ -218,6 +229,49 @@ def eval_sampling(s) -> EvalSampling:
     steps = s.num_steps if s.eval_num_steps is None else s.eval_num_steps
     eta = s.eta if s.eval_eta is None else s.eval_eta
     return EvalSampling(steps, s.guidance_scale, eta, s.batch_size, s.seed, s.negative_prompt, size)
+
+
+def sharding_mode(config: Config) -> str:
+    """`model.shard` ("fsdp" or "none"), or when unset the launcher's (configs/accelerate/fsdp.yaml)."""
+    launched_fsdp = os.environ.get(FSDP_LAUNCH_ENV, "false").lower() == "true"
+    shard = config.model.shard or ("fsdp" if launched_fsdp else "none")
+    if launched_fsdp and shard != "fsdp":
+        raise UserError(
+            "model.shard=none contradicts the FSDP launch (configs/accelerate/fsdp.yaml): remove model.shard "
+            "or launch with configs/accelerate/ddp.yaml"
+        )
+    if shard == "fsdp" and config.checkpoint.export_merged:
+        raise UserError(
+            "checkpoint.export_merged cannot merge the LoRA into a sharded denoiser: set it to false (the "
+            "saved LoRA loads into the full model with diffusers' load_lora_weights + fuse_lora)"
+        )
+    s = config.strategy
+    if shard == "fsdp" and type(s).__name__ not in SHARDABLE_STRATEGIES:
+        raise UserError(
+            f"model.shard=fsdp runs only strategies whose processes make the same denoiser calls (ddpo, "
+            f"flow_grpo, draft, alignprop), not {type(s).__name__.removesuffix('Config')} (e.g. D3PO's "
+            "decisive pairs differ per process, so they would wait on each other): use model.shard=none"
+        )
+    if shard == "fsdp" and getattr(s, "truncation", "fixed") != "fixed":
+        raise UserError(
+            f"AlignProp's random truncation={s.truncation} draws a different gradient window per process, "
+            "which a sharded denoiser cannot follow (every process must run the same blocks): set "
+            "strategy.truncation=fixed, use model.shard=none, or use DRaFT"
+        )
+    return shard
+
+
+@contextlib.contextmanager
+def _without_env(name: str):
+    """`name` unset inside the block. accelerate's FSDP mode wraps a model it trains together with its
+    optimizer; here only the frozen denoiser is sharded and the LoRA is trained replicated, so accelerate
+    is started as plain data parallel and the launch setting only tells `sharding_mode` to shard."""
+    value = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[name] = value
 
 
 def _check_batch_sizes(config: Config, world: int) -> None:

@@ -2,8 +2,9 @@
 
 import json
 import os
-import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ from safetensors.torch import load_file
 from diffusion_align.cli import main
 
 LORA = "pytorch_lora_weights.safetensors"
+ACCELERATE = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def free_port() -> int:
+    """A port nobody listens on: other runs on this host may hold accelerate's default 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_config(folder: Path, **train) -> Path:
@@ -74,20 +83,19 @@ def test_train_command_errors_are_one_line(tmp_path, capsys, args, message):
 
 @pytest.mark.slow
 def test_accelerate_two_processes_match_one_process(tmp_path):
-    """Two CPU processes (torchrun through `accelerate launch --multi_gpu`; the trainer forms a gloo group
-    when CUDA is absent) with the same global batch: both ranks end identical, and the LoRA matches a
-    one-process run up to float32 summation order (per-sample noise is keyed by global sample index, so both
-    runs draw the same samples; one optimizer step per epoch makes the update order-free)."""
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate CLI not on PATH")
+    """Two CPU processes (torchrun through `accelerate launch` with the shipped configs/accelerate/ddp.yaml;
+    the trainer forms a gloo group when CUDA is absent) with the same global batch: both ranks end
+    identical, and the LoRA matches a one-process run up to float32 summation order (per-sample noise is
+    keyed by global sample index, so both runs draw the same samples; one optimizer step per epoch makes
+    the update order-free)."""
     path = write_config(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
     assert main(["train", str(path), f"output_dir={one}"]) == 0
     two = tmp_path / "two"
     command = [
-        "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml"),
+        "--num_processes", "2", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "-m", "diffusion_align", "train", str(path), f"output_dir={two}",
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)

@@ -29,6 +29,7 @@ RESUMABLE = (
     "model.vae_slicing",
     "model.vae_tiling",
     "model.attention",
+    "model.shard",  # memory: every process computes with the full weights either way
     "prompts.eval",
     "prompts.eval_count",
     "prompts.eval_images_per_prompt",

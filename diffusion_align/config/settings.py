@@ -38,6 +38,10 @@ class ModelSettings:
     # SD3/FLUX/Wan: T5 (UMT5) prompt tokens; None = the pipeline's default (SD3 256, FLUX and Wan 512; the
     # bundled shapes-flow, which has no T5, was trained with 1). Flow-GRPO trains SD3.5 with 128.
     max_sequence_length: int | None = None
+    # "fsdp": shard the frozen denoiser across processes with FSDP2 (each keeps 1/N of its weights; the LoRA
+    # stays replicated); "none": every process holds all of it. None: "fsdp" when launched with
+    # configs/accelerate/fsdp.yaml, else "none".
+    shard: Literal["none", "fsdp"] | None = None
 
 
 @dataclass

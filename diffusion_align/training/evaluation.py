@@ -19,14 +19,15 @@ from diffusion_align.images import save_grid
 
 @torch.no_grad()
 def evaluate(
-    policy, reward, eval_reward, prompts, sampling, autocast, grid: Path, progress: bool, diversity=None
-):
+    policy, reward, eval_reward, prompts, sampling, autocast, grid: Path, progress: bool, diversity=None,
+    write: bool = True,
+):  # fmt: skip
     """({"reward": mean raw total, "reward/<name>": ..., "extra/<name>": ...}, the grid's path, the same keys
     per-image scores as lists: {key: [score of image i]}).
     `reward` is the training reward (its `components`, `raw_total`, `names`), `eval_reward` extra rewards
     or None, `sampling` a `training_run.EvalSampling`, `autocast` a context-manager factory, `diversity` None
     or a `rewards.diversity.ClipDiversity` (adds "diversity": per-prompt diversity of the images; a video's
-    middle frame stands for it)."""
+    middle frame stands for it). `write`: False computes everything but saves no grid (its path is None)."""
     s, backbone = sampling, policy.backbone
     images, parts = [], []
     backbone.unet.eval()
@@ -63,4 +64,5 @@ def evaluate(
     per_image.update(
         {k if k.startswith("extra/") else f"reward/{k}": v.tolist() for k, v in components.items()}
     )
-    return result, save_grid(torch.cat(images), grid, captions=captions), per_image
+    path = save_grid(torch.cat(images), grid, captions=captions) if write else None
+    return result, path, per_image

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffusion_align.engine.sharding import is_sharded, resident_bytes
 from diffusion_align.errors import UserError, warn
 from diffusion_align.training import run_checkpoint
 from diffusion_align.training.across_processes import mean_dicts, mean_over_processes, reward_metrics
@@ -57,6 +58,7 @@ class Trainer:
         self.run_dir = o.output_dir
         self.ckpt_root = self.run_dir / "checkpoints"
         self.params = self.policy.parameters()
+        self.sharded = is_sharded(self.backbone.unet)
         self.epoch = self.global_step = 0
         self.seconds_before = 0.0
         self.eval_before: dict[str, float] | None = None
@@ -190,7 +192,8 @@ class Trainer:
         every process returns (and checkpoints) the same numbers."""
         result: dict[str, float] = {}
         per_image: dict[str, list[float]] = {}
-        if self.is_main and self.eval_prompts:
+        # a sharded denoiser runs only when every process calls it: all evaluate, the main one writes
+        if (self.is_main or self.sharded) and self.eval_prompts:
             result, path, per_image = evaluate(
                 self.policy,
                 self.reward,
@@ -199,10 +202,12 @@ class Trainer:
                 self.options.eval,
                 self.accelerator.autocast,
                 self.run_dir / "samples" / f"{name}.png",
-                self.options.progress,
+                self.options.progress and self.is_main,
                 self.diversity,
+                write=self.is_main,
             )
-            self.tracker_image(f"samples/{name}", path)
+            if self.is_main:
+                self.tracker_image(f"samples/{name}", path)
         if self.world > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -276,6 +281,7 @@ class Trainer:
         flat = torch.cat([p.detach().float().flatten() for p in self.params]).unsqueeze(0)
         every = self.accelerator.gather(flat)
         rank_diff = (every - every[:1]).abs().max().item()
+        frozen = torch.tensor([resident_bytes(self.backbone.unet)], device=self.accelerator.device)
         summary = {
             "eval_before": self.eval_before.get("reward") if self.eval_before else None,
             "eval_after": eval_after.get("reward"),
@@ -287,6 +293,9 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "world_size": self.world,
             "lora_max_rank_difference": rank_diff,  # 0 when every process ended with the same weights
+            "sharded": self.sharded,
+            # bytes of frozen denoiser weights each process holds (its shard when sharded)
+            "denoiser_bytes_per_process": self.accelerator.gather(frozen).tolist(),
         }
         if self.guard is not None:
             best_dir, final_best = self.best_dir(), self.options.final_best and self.best_dir() is not None
