@@ -199,6 +199,9 @@ def test_plan_quickstart_prints_a_labelled_estimate_and_a_verdict():
     assert result.returncode == 0, result.stderr
     assert "activations (estimate)" in result.stdout and "measure_activations.py" in result.stdout
     assert "fits in 1 GiB per GPU" in result.stdout
+    sharded = run_cli("configs/quickstart.yaml", "model.shard=fsdp", "--gpus", "2")  # the config's sharding
+    assert sharded.returncode == 0, sharded.stderr
+    assert "sharding fsdp" in sharded.stdout and "1/2 per rank" in sharded.stdout
 
 
 def test_unreadable_model_folder_is_one_line_error_saying_where_it_looked(tmp_path):

@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sharding",
         choices=("none", "fsdp"),
-        default="none",
-        help="fsdp: the frozen denoiser split over GPUs",
+        default=None,
+        help="fsdp: the frozen denoiser split over GPUs (default: the config's model.shard)",
     )
 
 
@@ -45,7 +45,8 @@ def run(args) -> int:
     from diffusion_align.engine.memory.plan import format_plan, parse_bytes, plan_memory
 
     config = load_config(args.config, args.overrides)
-    plan = plan_memory(plan_inputs(config, args.gpus, parse_bytes(args.gpu_memory), args.sharding))
+    sharding = args.sharding or config.model.shard or "none"
+    plan = plan_memory(plan_inputs(config, args.gpus, parse_bytes(args.gpu_memory), sharding))
     print(format_plan(plan))
     return 0
 
