@@ -252,6 +252,18 @@ def sharding_mode(config: Config) -> str:
             f"flow_grpo, draft, alignprop), not {type(s).__name__.removesuffix('Config')} (e.g. D3PO's "
             "decisive pairs differ per process, so they would wait on each other): use model.shard=none"
         )
+    dropping = [
+        k
+        for k in ("filter_zero_advantages", "pareto_selection")
+        if getattr(s, k, "none") not in (False, "none")
+    ]
+    if shard == "fsdp" and dropping:
+        raise UserError(
+            f"strategy.{dropping[0]} leaves each process its own number of samples to train, so processes "
+            "would make different numbers of sharded denoiser calls and wait on each other: set "
+            f"strategy.{dropping[0]}={'false' if dropping[0] == 'filter_zero_advantages' else 'none'}, or "
+            "use model.shard=none"
+        )
     if shard == "fsdp" and getattr(s, "truncation", "fixed") != "fixed":
         raise UserError(
             f"AlignProp's random truncation={s.truncation} draws a different gradient window per process, "

@@ -211,8 +211,17 @@ def test_every_family_sharded_per_block_gives_the_full_model_output_gradient_and
         (["model.shard=fsdp", "checkpoint.export_merged=true"], False, "cannot merge the LoRA into"),
         (["strategy=alignprop", "model.shard=fsdp"], False, "different gradient window per process"),
         (["strategy=d3po", "model.shard=fsdp"], False, "not D3PO .e.g. D3PO.s decisive pairs differ"),
+        (["strategy=flow_grpo", "model.shard=fsdp"], False, "filter_zero_advantages=false, or use"),
+        (["strategy.pareto_selection=batch", "model.shard=fsdp"], False, "pareto_selection=none, or use"),
     ],
-    ids=["none-under-fsdp-launch", "export-merged", "alignprop-random-cut", "d3po-uneven-calls"],
+    ids=[
+        "none-under-fsdp-launch",
+        "export-merged",
+        "alignprop-random-cut",
+        "d3po-uneven-calls",
+        "flow-grpo-filter",
+        "pareto-selection",
+    ],
 )
 def test_settings_a_sharded_run_cannot_follow_are_one_line_errors(
     tmp_path, monkeypatch, overrides, launched, message
