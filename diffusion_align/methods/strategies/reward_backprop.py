@@ -18,6 +18,8 @@ KL to the reference (`kl_beta` > 0, not in either paper; DDPO's beta): the mean 
 KL(pi_theta || pi_ref) of the transition at each re-run latent (treated as data, as DDPO scores stored steps),
 logged as `kl`. A deterministic chain (eta = 0) has no transition density: its KL is that of the same steps
 with noise level 1 (DDIM's DDPM posterior std), i.e. a scaled squared distance of the two models' means.
+Several rewards (`gradient_balance`, MARBLE-style, not in either paper): `balanced_loss` steps along the
+min-norm convex combination of the per-reward gradients instead of their weighted sum.
 """
 
 from __future__ import annotations
