@@ -27,13 +27,11 @@ def simplex_grid(adapters: int, n: int) -> list[tuple[float, ...]]:
 
 def pareto_front(points: list[tuple[float, ...]]) -> list[bool]:
     """True where no other point is >= on every coordinate and > on one (all maximised)."""
+    import torch
 
-    def dominates(a, b):
-        return all(x >= y for x, y in zip(a, b, strict=True)) and any(
-            x > y for x, y in zip(a, b, strict=True)
-        )
+    from diffusion_align.math.multi_objective import non_dominated
 
-    return [not any(dominates(q, p) for q in points if q is not p) for p in points]
+    return non_dominated(torch.tensor(points, dtype=torch.float64)).tolist()
 
 
 def sweep(args) -> list[dict]:

@@ -40,6 +40,7 @@ from diffusion_align.methods.strategies.sampling import (
     sample_groups,
     squared_error,
     training_timesteps,
+    weighted_micros,
 )
 
 
@@ -222,13 +223,7 @@ class DiffusionDPO:
         for chunk in np.array_split(order.numpy(), n_opt):
             step = self.steps + len(plan)
             refresh = self.config.ref_update_every > 0 and step % self.config.ref_update_every == 0
-            pairs = torch.from_numpy(chunk).long()
-            micros = [
-                {"batch": batch, "pairs": pairs[m : m + pairs_per_micro], "weight": 1.0}
-                for m in range(0, len(pairs), pairs_per_micro)
-            ] or [{"batch": batch, "pairs": pairs, "weight": 1.0}]  # no pair here: a zero gradient
-            for micro in micros:
-                micro["weight"] = len(micro["pairs"]) / max(1, len(pairs))
+            micros = weighted_micros(batch, torch.from_numpy(chunk).long(), pairs_per_micro, "pairs")
             micros[0]["refresh_reference"] = refresh
             plan.append(micros)
         self.steps += len(plan)

@@ -41,6 +41,7 @@ from diffusion_align.methods.strategies.sampling import (
     per_sample_generators,
     sample_batch,
     step_rows,
+    weighted_micros,
     with_reference,
 )
 
@@ -114,17 +115,7 @@ class _RewardBackprop:
         plan = []
         for rows in step_rows(order, batch_size):
             cut = self.cut(generator)  # one window per optimizer step: its micro-batches share it
-            plan.append(
-                [
-                    {
-                        "batch": batch,
-                        "rows": rows[m : m + micro_batch_size],
-                        "cut": cut,
-                        "weight": len(rows[m : m + micro_batch_size]) / len(rows),
-                    }
-                    for m in range(0, len(rows), micro_batch_size)
-                ]
-            )
+            plan.append(weighted_micros(batch, rows, micro_batch_size, cut=cut))
         return plan
 
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:

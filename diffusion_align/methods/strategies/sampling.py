@@ -171,6 +171,19 @@ def step_rows(order: Tensor, batch_size: int) -> list[Tensor]:
     return [order[s : s + batch_size] for s in range(0, len(order) - batch_size + 1, batch_size)]
 
 
+def weighted_micros(batch: dict, rows: Tensor, micro_size: int, key: str = "rows", **extra) -> list[dict]:
+    """One optimizer step's micro-batches: `rows` `micro_size` at a time, each {"batch", key: its rows,
+    **extra, "weight": its share of the step}. A step without rows is one empty micro-batch (weight 0), so
+    every process still runs the step (its loss is a zero with a graph)."""
+    micros = [
+        {"batch": batch, key: rows[m : m + micro_size], **extra} for m in range(0, len(rows), micro_size)
+    ]
+    micros = micros or [{"batch": batch, key: rows, **extra}]
+    for micro in micros:
+        micro["weight"] = len(micro[key]) / max(1, len(rows))
+    return micros
+
+
 def per_step_micros(batch: dict, rows: Tensor, step_order: Tensor, micro_size: int, key: str) -> list[dict]:
     """One optimizer step's micro-batches when each sample trains on several of its steps: for each chunk of
     `micro_size` of `rows`, one micro per trained step j (chunk-major, as ddpo-pytorch loops), with the

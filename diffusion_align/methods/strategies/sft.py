@@ -29,6 +29,7 @@ from diffusion_align.methods.strategies.sampling import (
     sample_groups,
     squared_error,
     training_timesteps,
+    weighted_micros,
 )
 
 
@@ -71,15 +72,7 @@ class RewardSFT:
         order = torch.randperm(len(batch["kept"]), generator=generator)
         plan = []
         for chunk in np.array_split(order.numpy(), n_opt):
-            rows = torch.from_numpy(chunk).long()
-            plan.append(
-                [
-                    {"batch": batch, "rows": rows[m : m + micro_batch_size], "weight": 0.0}
-                    for m in range(0, len(rows), micro_batch_size)
-                ]
-            )
-            for micro in plan[-1]:
-                micro["weight"] = len(micro["rows"]) / len(rows)
+            plan.append(weighted_micros(batch, torch.from_numpy(chunk).long(), micro_batch_size))
         return plan
 
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
