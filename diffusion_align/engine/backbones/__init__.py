@@ -47,15 +47,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _builtin_pipeline(name: str, dtype):
-    from diffusion_align.bundled import BUNDLED
+def tiny_pipeline(name: str):
+    """The built-in tiny random pipeline `name` (tiny-sd, tiny-flux, ...), built; None for any other name."""
     from diffusion_align.testing import TINY_PIPELINES
     from diffusion_align.testing_flow import TINY_FLOW_PIPELINES
     from diffusion_align.testing_video import TINY_VIDEO_PIPELINES
 
     tiny = {**TINY_PIPELINES, **TINY_VIDEO_PIPELINES, **TINY_FLOW_PIPELINES}
-    if name in tiny:
-        return tiny[name]()
+    return tiny[name]() if name in tiny else None
+
+
+def _builtin_pipeline(name: str, dtype):
+    from diffusion_align.bundled import BUNDLED
+
+    pipe = tiny_pipeline(name)
+    if pipe is not None:
+        return pipe
     if name in BUNDLED:
         return _load_pipeline(str(BUNDLED[name]), dtype, None, None)
     return None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion_align.engine.backbones import SUPPORTED_PIPELINES
+from diffusion_align.engine.backbones import SUPPORTED_PIPELINES, tiny_pipeline
 from diffusion_align.errors import UserError
 
 DENOISERS = ("unet", "transformer")
@@ -38,7 +38,7 @@ def build_meta_pipeline(pretrained: str, revision: str | None = None) -> MetaPip
     """`pretrained` as the training config names it: a built-in name, a local pipeline folder or a hub id."""
     from diffusion_align.bundled import BUNDLED, bundled_path
 
-    builtin = _tiny_pipeline(pretrained)
+    builtin = tiny_pipeline(pretrained)
     if builtin is not None:
         return _from_pipeline(builtin)
     path = str(bundled_path(pretrained)) if pretrained in BUNDLED else pretrained
@@ -58,15 +58,6 @@ def build_meta_pipeline(pretrained: str, revision: str | None = None) -> MetaPip
         raise UserError(f"model '{pretrained}' has no unet or transformer in {path}/model_index.json")
     encoders = {n: models[n] for n in TEXT_ENCODERS if n in models}
     return MetaPipeline(class_name, denoiser, encoders, models.get("vae"))
-
-
-def _tiny_pipeline(name: str):
-    from diffusion_align.testing import TINY_PIPELINES
-    from diffusion_align.testing_flow import TINY_FLOW_PIPELINES
-    from diffusion_align.testing_video import TINY_VIDEO_PIPELINES
-
-    tiny = {**TINY_PIPELINES, **TINY_VIDEO_PIPELINES, **TINY_FLOW_PIPELINES}
-    return tiny[name]() if name in tiny else None
 
 
 def _from_pipeline(pipe) -> MetaPipeline:
