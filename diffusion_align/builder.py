@@ -45,10 +45,6 @@ from diffusion_align.training.trainer import Trainer
 from diffusion_align.training.training_run import EvalSampling, RunOptions, TrainingRun
 
 FSDP_LAUNCH_ENV = "ACCELERATE_USE_FSDP"  # set by `accelerate launch` with a distributed_type: FSDP config
-# Strategies whose every process calls the denoiser equally often (a sharded block runs only when all do):
-# the number of calls depends on the batch sizes alone. DDPO and DRaFT are checked by tests/test_fsdp.py;
-# Flow-GRPO runs DDPO's code, AlignProp with a fixed cut DRaFT's.
-SHARDABLE_STRATEGIES = {"DDPOConfig", "FlowGRPOConfig", "DRaFTConfig", "AlignPropConfig"}
 SUPPORTED_DISTRIBUTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA"}
 
 
@@ -245,30 +241,14 @@ def sharding_mode(config: Config) -> str:
             "checkpoint.export_merged cannot merge the LoRA into a sharded denoiser: set it to false (the "
             "saved LoRA loads into the full model with diffusers' load_lora_weights + fuse_lora)"
         )
-    s = config.strategy
-    if shard == "fsdp" and type(s).__name__ not in SHARDABLE_STRATEGIES:
+    # a sharded block runs only when every process calls it: processes whose plans differ in length (D3PO's
+    # decisive pairs, filtered advantages) are padded with the strategy's weight-0 `filler` micro-batches
+    if shard == "fsdp" and not hasattr(strategy_class(config.strategy), "filler"):
+        name = type(config.strategy).__name__.removesuffix("Config")
         raise UserError(
-            f"model.shard=fsdp runs only strategies whose processes make the same denoiser calls (ddpo, "
-            f"flow_grpo, draft, alignprop), not {type(s).__name__.removesuffix('Config')} (e.g. D3PO's "
-            "decisive pairs differ per process, so they would wait on each other): use model.shard=none"
-        )
-    dropping = [
-        k
-        for k in ("filter_zero_advantages", "pareto_selection")
-        if getattr(s, k, "none") not in (False, "none")
-    ]
-    if shard == "fsdp" and dropping:
-        raise UserError(
-            f"strategy.{dropping[0]} leaves each process its own number of samples to train, so processes "
-            "would make different numbers of sharded denoiser calls and wait on each other: set "
-            f"strategy.{dropping[0]}={'false' if dropping[0] == 'filter_zero_advantages' else 'none'}, or "
-            "use model.shard=none"
-        )
-    if shard == "fsdp" and getattr(s, "truncation", "fixed") != "fixed":
-        raise UserError(
-            f"AlignProp's random truncation={s.truncation} draws a different gradient window per process, "
-            "which a sharded denoiser cannot follow (every process must run the same blocks): set "
-            "strategy.truncation=fixed, use model.shard=none, or use DRaFT"
+            f"model.shard=fsdp needs the strategy to pad its plan with weight-0 micro-batches, and {name} "
+            "has no `filler(micro)` method (see diffusion_align/methods/strategies/__init__.py): add one, "
+            "or use model.shard=none"
         )
     return shard
 

@@ -33,23 +33,43 @@ def sync_gradients(params, accelerator, bad: str | None, epoch: int, step_index:
         raise UserError(bad + "; no checkpoint was written over the last good one")
 
 
-def reward_metrics(recorded: dict[str, torch.Tensor], group, device, epoch: int) -> dict[str, float]:
+def equal_micro_counts(micros: list[dict], strategy, group, device) -> tuple[list[dict], int]:
+    """One optimizer step's micro-batches, padded so that every process runs as many: a sharded denoiser's
+    blocks gather their weights from all processes, so each forward and backward must happen on every
+    process at once. Micro-batches of weight 0 (nothing to learn) are dropped, then the step is filled up to
+    the largest count over processes (at least one) with `strategy.filler(micros[0])`: real rows at weight 0,
+    which call the denoiser exactly as a training micro-batch does and add nothing to the gradient.
+    Returns (micro-batches, fillers added)."""
+    real = [m for m in micros if m["weight"] > 0]
+    counts = group.gather(torch.tensor([len(real)], device=device))
+    wanted = max(1, int(counts.max().item()))
+    fillers = [strategy.filler(micros[0]) for _ in range(wanted - len(real))]
+    for filler in fillers:
+        filler.update(weight=0.0, filler=True)
+    return real + fillers, len(fillers)
+
+
+def reward_metrics(recorded: dict[str, torch.Tensor], group, epoch: int) -> dict[str, float]:
     """Mean/std of the epoch's rewards over all processes, per component; stops on a non-finite value.
-    `recorded`: {"total" | component: this process's (N,) values}."""
+    `recorded`: {"total" | component: this process's (N,) values}. Processes may hold different numbers of
+    values, or none of a component (offline pairs whose images all failed to decode), so the values travel as
+    objects: a tensor gather would need equal shapes on every process."""
+    mine = {name: values.detach().float().flatten().cpu().tolist() for name, values in recorded.items()}
+    every = group.gather_object([mine])
     metrics = {}
-    for name, values in sorted(recorded.items(), key=lambda kv: kv[0] == "total"):  # components first
-        every = group.gather(values.to(device))
-        bad = (~torch.isfinite(every)).sum().item()
+    for name in sorted({k for m in every for k in m}, key=lambda k: (k == "total", k)):  # components first
+        values = torch.tensor([v for m in every for v in m.get(name, [])], dtype=torch.float32)
+        bad = (~torch.isfinite(values)).sum().item()
         if bad:
             what = "total reward" if name == "total" else f"reward component '{name}'"
             raise UserError(
                 f"non-finite reward at epoch {epoch + 1}: {what} has {bad} non-finite values out of "
-                f"{every.numel()}; check the reward model and its inputs (no checkpoint was written)"
+                f"{values.numel()}; check the reward model and its inputs (no checkpoint was written)"
             )
         key = "reward" if name == "total" else f"reward/{name}"
-        metrics[f"{key}/mean" if name == "total" else key] = every.mean().item()
+        metrics[f"{key}/mean" if name == "total" else key] = values.mean().item()
         if name == "total":
-            metrics["reward/std"] = every.std().item() if every.numel() > 1 else 0.0
+            metrics["reward/std"] = values.std().item() if values.numel() > 1 else 0.0
     return metrics
 
 

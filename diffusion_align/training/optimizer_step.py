@@ -29,6 +29,8 @@ def optimizer_step(
                 f"; first non-finite metric: {culprit}" if culprit else ""
             )
         accelerator.backward(loss * float(micro["weight"]))
+        if micro.get("filler"):  # run only to keep a sharded denoiser's processes in step
+            continue
         sink.append({"train/loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}})
     sync_gradients(params, accelerator, bad, epoch, step_index)
     norm = accelerator.clip_grad_norm_(params, max_grad_norm)

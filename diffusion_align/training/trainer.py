@@ -33,7 +33,12 @@ from tqdm.auto import tqdm
 from diffusion_align.engine.sharding import is_sharded, resident_bytes
 from diffusion_align.errors import UserError, warn
 from diffusion_align.training import run_checkpoint
-from diffusion_align.training.across_processes import mean_dicts, mean_over_processes, reward_metrics
+from diffusion_align.training.across_processes import (
+    equal_micro_counts,
+    mean_dicts,
+    mean_over_processes,
+    reward_metrics,
+)
 from diffusion_align.training.epoch_draws import epoch_prompts, plan_generator, sample_generators
 from diffusion_align.training.evaluation import evaluate
 from diffusion_align.training.optimizer_step import optimizer_step
@@ -141,12 +146,12 @@ class Trainer:
         recorded = self.reward.take()
         if "reward" in batch:
             recorded["total"] = batch["reward"].detach().float().flatten()
-        metrics = reward_metrics(recorded, self.group, acc.device, epoch)
+        metrics = reward_metrics(recorded, self.group, epoch)
         metrics.update(mean_over_processes(batch.get("metrics", {}), self.group, self.world))
         unet.train()
         step_metrics: list[dict[str, float]] = []
         grad_norms = []
-        total_steps = 0
+        total_steps = fillers = 0
         for inner in range(getattr(self.strategy, "num_inner_epochs", 1)):
             plan_gen = plan_generator(o.seed, epoch, inner, self.rank)
             plan = self.strategy.plan(batch, self.local_batch, o.micro_batch_size, plan_gen)
@@ -157,6 +162,9 @@ class Trainer:
                 disable=not (self.is_main and o.progress),
             )
             for step_index, micros in enumerate(steps):
+                if self.sharded:
+                    micros, added = equal_micro_counts(micros, self.strategy, self.group, acc.device)
+                    fillers += added
                 grad_norms.append(self.optimizer_step(micros, epoch, step_index, step_metrics))
                 total_steps += 1
         unet.eval()
@@ -167,6 +175,10 @@ class Trainer:
             )
         seconds = time.perf_counter() - epoch_start
         metrics.update(mean_over_processes(mean_dicts(step_metrics), self.group, self.world))
+        if self.sharded:  # weight-0 micro-batches that kept the processes' denoiser calls equal
+            metrics["shard/filler_micro_batches"] = float(
+                self.group.gather(torch.tensor([fillers], device=acc.device)).sum().item()
+            )
         metrics.update(
             {
                 "train/grad_norm": float(np.mean(grad_norms)),

@@ -21,6 +21,11 @@
             Call it for every micro-batch of the plan in order, with one optimizer step after each step's
             last one. A micro-batch with nothing to learn returns a zero that still has a graph, so
             `backward` works on every process.'''
+        def filler(self, micro: dict) -> dict:
+            '''Padding for a sharded denoiser (`training.across_processes.equal_micro_counts`): given a
+            micro-batch of a step (possibly one without rows), a micro-batch of real rows that calls the
+            denoiser exactly as a training one does (the same forwards, with and without gradient). The
+            trainer gives it weight 0 and drops its metrics. Without this method a strategy cannot shard.'''
         def state_dict(self) -> dict         # what a resume needs (tracker, label cursor, ...); {} if nothing
         def load_state_dict(self, state: dict) -> None
 

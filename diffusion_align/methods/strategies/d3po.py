@@ -136,10 +136,16 @@ class D3PO:
         for chunk in np.array_split(order.numpy(), n_opt):
             pairs = torch.from_numpy(chunk).long()
             if len(pairs) == 0:  # this process has no pair for the step: contribute a zero gradient
-                plan.append([{"batch": batch, "pairs": pairs, "steps": pairs, "weight": 1.0}])
+                plan.append([{"batch": batch, "pairs": pairs, "steps": pairs, "weight": 0.0}])
                 continue
             plan.append(per_step_micros(batch, pairs, step_order, pairs_per_micro, "pairs"))
         return plan
+
+    def filler(self, micro: dict) -> dict:
+        """Padding for a sharded denoiser: the first sampled pair (decisive or not) at the first step."""
+        first = torch.zeros(1, dtype=torch.long)
+        pair = {**micro["batch"], "win": torch.tensor([0]), "lose": torch.tensor([1])}
+        return {"batch": pair, "pairs": first, "steps": first.clone()}
 
     # --- loss ----------------------------------------------------------------------------------------
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:

@@ -207,6 +207,14 @@ class DDPO:
         # ddpo-pytorch: an inner loop over each sample's shuffled steps
         return [per_step_micros(batch, rows, step_order, micro_batch_size, "rows") for rows in steps]
 
+    def filler(self, micro: dict) -> dict:
+        """Padding for a sharded denoiser (`across_processes.equal_micro_counts`): the first sample at a
+        step that has a log-prob (the window's first under Fast), trained like any micro-batch."""
+        batch = micro["batch"]
+        window = batch.get("sde_steps")
+        steps = window[:1] if window is not None else torch.zeros(1, dtype=torch.long)
+        return {"batch": batch, "rows": torch.zeros(1, dtype=torch.long), "steps": steps.clone()}
+
     # --- loss ----------------------------------------------------------------------------------------
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
         cfg, s, batch = self.config, self.sample, micro["batch"]

@@ -223,11 +223,29 @@ class DiffusionDPO:
         for chunk in np.array_split(order.numpy(), n_opt):
             step = self.steps + len(plan)
             refresh = self.config.ref_update_every > 0 and step % self.config.ref_update_every == 0
-            micros = weighted_micros(batch, torch.from_numpy(chunk).long(), pairs_per_micro, "pairs")
-            micros[0]["refresh_reference"] = refresh
+            # on every micro-batch of the step (the weights do not change within it), so the refresh happens
+            # whichever runs first
+            micros = weighted_micros(
+                batch, torch.from_numpy(chunk).long(), pairs_per_micro, "pairs", refresh_reference=refresh
+            )
             plan.append(micros)
         self.steps += len(plan)
         return plan
+
+    def filler(self, micro: dict) -> dict:
+        """Padding for a sharded denoiser: the first pair, or where this process has none (all its rows bad,
+        or no group with a reward spread) a blank one: zero latents under the empty prompt."""
+        batch, first = micro["batch"], torch.zeros(1, dtype=torch.long)
+        if len(batch["x0"]) == 0:
+            backbone, device = self.policy.backbone, batch["x0"].device
+            size = image_size(self.sample) or backbone.default_size()
+            batch = {
+                "x0": torch.zeros(1, 2, *self._latent_shape(size), device=device),
+                "t": training_timesteps(self.policy.sampler, [torch.Generator(device).manual_seed(0)]),
+                "noise_seeds": [0],
+                "embeds": backbone.encode_prompts([""], guidance=False, size=size),
+            }
+        return {"batch": batch, "pairs": first, "refresh_reference": micro.get("refresh_reference", False)}
 
     # --- loss ----------------------------------------------------------------------------------------
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:

@@ -108,6 +108,11 @@ class NFT:
         self.steps += len(plan)
         return plan
 
+    def filler(self, micro: dict) -> dict:
+        """Padding for a sharded denoiser: the first sample at the first step."""
+        first = torch.zeros(1, dtype=torch.long)
+        return {"batch": micro["batch"], "rows": first, "steps": first.clone()}
+
     # --- loss ----------------------------------------------------------------------------------------
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
         cfg, batch = self.config, micro["batch"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffusion_align.engine.sharding import is_sharded
 from diffusion_align.errors import UserError
 from diffusion_align.math.losses import group_pairs, prdp_loss
 from diffusion_align.methods.distributed import LocalGroup
@@ -79,7 +80,23 @@ class PRDP:
         batch["old_log_probs"] = torch.full_like(batch["log_probs"], float("nan"))  # filled on first use
         first, _ = group_pairs(batch["group_ids"], batch["reward"].cpu())
         batch["metrics"]["pairs_per_group"] = len(first) / (n // size)
+        if is_sharded(self.policy.backbone.unet):
+            self._fill_caches(batch)
         return batch
+
+    def _fill_caches(self, batch: dict) -> None:
+        """Both cached log-probs of every trained step, now: a sharded denoiser must run the same calls on
+        every process, and filling them on first use would make that depend on each process's pairs. The
+        old policy's are the sampler's (equal to a training forward's up to float rounding of another batch
+        composition, so the on-policy ratio is 1 to about 1e-6 instead of exactly)."""
+        s, latents = self.sample, batch["latents"]
+        batch["old_log_probs"] = batch["log_probs"].clone()
+        for i in range(window_steps(batch["log_probs"].shape[1], self.config.timestep_window)):
+            for start in range(0, len(latents), s.batch_size):
+                r = torch.arange(start, min(len(latents), start + s.batch_size), device=latents.device)
+                t = batch["timesteps"][i].to(latents.device).expand(len(r))
+                step = (latents[r, i], latents[r, i + 1], t)
+                self._ref(batch, r, i, *step, batch["embeds"][r])
 
     # --- plan ----------------------------------------------------------------------------------------
     def plan(self, batch: dict, batch_size: int, micro_batch_size: int, generator) -> list[list[dict]]:
@@ -99,9 +116,13 @@ class PRDP:
                 g = groups[m : m + groups_per_micro]
                 count = int(pairs_in[g].sum())
                 if count or not total:  # a step with no pair at all still gets one (zero) micro-batch
-                    micros.append({"batch": batch, "groups": g, "weight": count / total if total else 1.0})
+                    micros.append({"batch": batch, "groups": g, "weight": count / total if total else 0.0})
             plan.append(micros)
         return plan
+
+    def filler(self, micro: dict) -> dict:
+        """Padding for a sharded denoiser: group 0's first two images as a pair, whatever their rewards."""
+        return {"batch": micro["batch"], "groups": torch.zeros(1, dtype=torch.long), "pairs": ([0], [1])}
 
     # --- loss ----------------------------------------------------------------------------------------
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
@@ -110,7 +131,10 @@ class PRDP:
             [torch.arange(g * cfg.group_size, (g + 1) * cfg.group_size) for g in micro["groups"].tolist()]
         )
         rewards = batch["reward"].cpu()[rows]
-        first, second = group_pairs(batch["group_ids"][rows], rewards)
+        if "pairs" in micro:
+            first, second = (torch.tensor(p) for p in micro["pairs"])
+        else:
+            first, second = group_pairs(batch["group_ids"][rows], rewards)
         if len(first) == 0:
             return sum(p.sum() * 0.0 for p in self.policy.parameters()), {"pairs": 0.0}
         latents = batch["latents"]

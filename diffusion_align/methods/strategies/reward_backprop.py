@@ -114,9 +114,15 @@ class _RewardBackprop:
         order = torch.randperm(len(batch["prompts"]), generator=generator)
         plan = []
         for rows in step_rows(order, batch_size):
-            cut = self.cut(generator)  # one window per optimizer step: its micro-batches share it
-            plan.append(weighted_micros(batch, rows, micro_batch_size, cut=cut))
+            # one window per optimizer step, on every process (process 0's draw): a sharded denoiser needs
+            # the same backward on all of them
+            cut = self.group.gather(torch.tensor([self.cut(generator)], device=batch["latents"].device))
+            plan.append(weighted_micros(batch, rows, micro_batch_size, cut=int(cut[0])))
         return plan
+
+    def filler(self, micro: dict) -> dict:
+        """Padding for a sharded denoiser: the first sample through the step's window."""
+        return {**micro, "rows": torch.zeros(1, dtype=torch.long)}
 
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
         batch, rows = micro["batch"], micro["rows"]

@@ -75,6 +75,10 @@ class RewardSFT:
             plan.append(weighted_micros(batch, torch.from_numpy(chunk).long(), micro_batch_size))
         return plan
 
+    def filler(self, micro: dict) -> dict:
+        """Padding for a sharded denoiser: the first kept sample."""
+        return {"batch": micro["batch"], "rows": torch.zeros(1, dtype=torch.long)}
+
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
         batch, rows = micro["batch"], micro["rows"]
         x0 = batch["x0"][rows.to(batch["x0"].device)]
