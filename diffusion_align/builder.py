@@ -79,6 +79,7 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
     torch.manual_seed(derive_seed(t.seed, acc.process_index, 7))  # dropout etc.; saved with the RNG state
     backbone = build_backbone(dataclasses.replace(config.model, device=str(acc.device)))
     policy = build_policy(backbone, config.sample, config.lora)
+    _start_from_process_0(policy.parameters(), acc)
     if shard == "fsdp" and acc.num_processes > 1:  # after the LoRA is added: it stays outside the shards
         shard_denoiser(backbone.unet, policy.parameters(), acc.device)
     reward = build_reward(config.rewards, acc.device, record=True)  # the trainer logs every call
@@ -251,6 +252,17 @@ def sharding_mode(config: Config) -> str:
             "or use model.shard=none"
         )
     return shard
+
+
+def _start_from_process_0(params, accelerator) -> None:
+    """Every process starts from process 0's LoRA: peft draws A from the global RNG, which is seeded per
+    process above, so without this the processes would train different adapters (a checkpoint loaded from
+    disk leaves the seeds' difference in place; a tiny model built from a config re-seeds it away)."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        for p in params:
+            p.data.copy_(broadcast(p.data.contiguous(), from_process=0))
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if "OMP_NUM_THREADS" not in os.environ:  # set by whoever shares the machine with other jobs: respected
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture

@@ -22,10 +22,13 @@ PROMPTS = Path(__file__).resolve().parents[1] / "configs" / "cpu"
 SHAPES = {"pretrained": "shapes", "prompts": "shapes_green_on_black"}
 FLOW = {"pretrained": "shapes-flow", "prompts": "shapes_red_triangle"}
 # (name, model, strategy, reward): the hard colour reward ties often, so decisive pairs, pairs per group,
-# non-zero advantages and spread groups differ between the processes
+# non-zero advantages and spread groups differ between the processes. Every step of a chain is trained
+# (timestep_fraction 1), so a one-process run trains the same transitions (tests/test_fsdp.py compares).
 CASES = [
-    ("d3po", SHAPES, {"name": "d3po", "timestep_fraction": 0.5}, "shapes_color"),
-    ("prdp", SHAPES, {"name": "prdp", "group_size": 2, "num_inner_epochs": 2}, "shapes_color"),
+    ("d3po", SHAPES, {"name": "d3po", "timestep_fraction": 1.0}, "shapes_color"),
+    ("prdp", SHAPES, {"name": "prdp", "group_size": 2}, "shapes_color"),
+    # a second update on the batch: cached and re-computed log-probs (see test_fsdp for its tolerance)
+    ("prdp_two_updates", SHAPES, {"name": "prdp", "group_size": 2, "num_inner_epochs": 2}, "shapes_color"),
     ("ddpo_filtered", SHAPES, {"name": "ddpo", "group_size": 2, "filter_zero_advantages": True},
      "shapes_color"),
     ("dpo_online", SHAPES, {"name": "diffusion_dpo", "pairs": "online", "group_size": 2}, "shapes_color"),
@@ -34,7 +37,7 @@ CASES = [
     ("reward_sft", SHAPES, {"name": "reward_sft", "group_size": 2}, "shapes_color_soft"),
     ("alignprop_random_cut", SHAPES, {"name": "alignprop", "truncation": "uniform", "truncation_high": 4},
      "shapes_color_soft"),
-    ("flow_grpo", FLOW, {"name": "flow_grpo", "group_size": 2}, "shapes_color"),
+    ("flow_grpo", FLOW, {"name": "flow_grpo", "group_size": 2, "timestep_fraction": 1.0}, "shapes_color"),
     ("diffusion_nft", FLOW, {"name": "diffusion_nft", "group_size": 2}, "shapes_color_soft"),
     # one extra backward per reward (torch.autograd.grad) through the sharded blocks
     ("draft_balanced", SHAPES, {"name": "draft", "k": 1, "gradient_balance": True},
@@ -102,8 +105,10 @@ def compare(root: Path, name: str, model: dict, strategy: dict, reward: str | li
         folder.mkdir(parents=True)
     dist.barrier()
     path = config_file(folder, model, strategy, reward)
+    spread = []  # how far the processes' LoRAs ended apart
     for shard in ("none", "fsdp"):
-        train(load_config(path, [f"output_dir={folder / shard}", f"model.shard={shard}"]))
+        summary = train(load_config(path, [f"output_dir={folder / shard}", f"model.shard={shard}"]))
+        spread.append(summary["lora_max_rank_difference"])
     if dist.get_rank():
         return {}
     replicated, sharded = (
@@ -113,6 +118,7 @@ def compare(root: Path, name: str, model: dict, strategy: dict, reward: str | li
     return {
         "diff": max((replicated[k] - sharded[k]).abs().max().item() for k in replicated),
         "fillers": fillers(folder / "fsdp"),
+        "rank_spread": max(spread),
         "trained": max(v.abs().max().item() for k, v in sharded.items() if "lora.up" in k or "lora_B" in k),
     }
 

@@ -52,3 +52,22 @@ def test_reward_statistics_pool_every_process_even_with_unequal_counts_or_a_miss
 def test_a_non_finite_reward_on_another_process_stops_the_run_here_too():
     with pytest.raises(UserError, match="non-finite reward at epoch 2: total reward has 1 non-finite value"):
         reward_metrics({"total": torch.tensor([1.0])}, TwoProcesses({"total": [float("nan")]}), epoch=1)
+
+
+def test_micro_batch_weights_become_shares_of_the_steps_rows_on_every_process():
+    """Two steps; this process holds 1 and 3 of their rows, the other 3 and 0 (stood in by the gather).
+    Averaged over the two processes, the weights must give every row of a step the same share of it, as
+    one process holding all of them would: 1/4 in step 1, 1/3 in step 2."""
+    from diffusion_align.methods.strategies.sampling import global_shares
+
+    class Group(LocalGroup):
+        world_size = 2
+
+        def gather(self, tensor):
+            return torch.cat([tensor, torch.tensor([3, 0])])
+
+    plan = [[{"weight": 1.0}], [{"weight": 2 / 3}, {"weight": 1 / 3}]]  # shares of this process's rows
+    shared = global_shares(plan, [1, 3], Group(), "cpu")
+    per_row = [shared[0][0]["weight"] / 2, shared[1][0]["weight"] / 2 / 2, shared[1][1]["weight"] / 2]
+    assert per_row == pytest.approx([1 / 4, 1 / 3, 1 / 3])
+    assert global_shares([[{"weight": 0.5}]], [2], LocalGroup(), "cpu") == [[{"weight": 0.5}]]

@@ -3,6 +3,8 @@
 training micro-batch does (the same forwards, with and without gradient, in the same order), its loss is
 finite, and at weight 0 it leaves no gradient. Counted by a hook on the denoiser, on one process."""
 
+import copy
+
 import pytest
 import torch
 from test_diffusion_dpo import color_reward, write_pairs
@@ -60,10 +62,9 @@ def build(name, tmp_path):
     else:  # dpo_offline
         config = DiffusionDPOConfig(data=str(write_pairs(tmp_path, 2)), ref_update_every=1)
         strategy = DiffusionDPO(config, make_policy(), reward, SAMPLE)
-    batch = strategy.collect(PROMPTS, [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))])
-    if name == "prdp":  # what a sharded run does in collect: no log-prob is left to fill on first use
-        strategy._fill_caches(batch)
-    return strategy, batch
+    return strategy, strategy.collect(
+        PROMPTS, [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
+    )
 
 
 def denoiser_calls(strategy, micro) -> tuple[list[bool], torch.Tensor]:
@@ -100,8 +101,9 @@ def test_a_filler_calls_the_denoiser_as_a_training_micro_batch_does_and_adds_no_
     real = next(m for m in step if m["weight"] > 0)
     (filler,), added = equal_micro_counts([{**step[0], "weight": 0.0}], strategy, LocalGroup(), "cpu")
     assert added == 1 and filler["weight"] == 0.0 and filler["filler"]
-    real_calls, _ = denoiser_calls(strategy, real)
-    filler_calls, loss = denoiser_calls(strategy, filler)
+    # each on its own copy of the batch, so both meet the same state (PRDP fills log-prob caches on first use)
+    real_calls, _ = denoiser_calls(strategy, {**real, "batch": copy.deepcopy(batch)})
+    filler_calls, loss = denoiser_calls(strategy, {**filler, "batch": copy.deepcopy(filler["batch"])})
     assert filler_calls == real_calls and True in real_calls
     assert torch.isfinite(loss)
     params = strategy.policy.parameters()

@@ -128,6 +128,10 @@ def test_zero_advantage_samples_leave_the_update_and_the_steps_keep_their_count(
     strategy.config.filter_zero_advantages = False  # DDPO's default: every row stays
     plan = strategy.plan(batch, 4, 4, torch.Generator().manual_seed(0))
     assert {int(r) for m in plan[0] for r in m["rows"]} == {0, 1, 2, 3}
-    batch["advantages"] = torch.zeros(4)  # nothing would remain: the plan keeps its rows (zero gradient)
+    batch["advantages"] = torch.zeros(4)  # nothing remains: the step is one micro-batch of weight 0
     strategy.config.filter_zero_advantages = True
-    assert len(strategy.plan(batch, 4, 4, torch.Generator().manual_seed(0))[0][0]["rows"]) == 4
+    (nothing,), *_ = strategy.plan(batch, 4, 4, torch.Generator().manual_seed(0))
+    assert len(nothing["rows"]) == 0 and nothing["weight"] == 0.0
+    loss, _ = strategy.loss(nothing)
+    loss.backward()  # a zero with a graph, so every process can take the step
+    assert loss.item() == 0.0

@@ -31,6 +31,7 @@ from diffusion_align.math.losses import d3po_loss, preference_pairs
 from diffusion_align.methods.distributed import LocalGroup
 from diffusion_align.methods.preference_data import read_seeded_labels
 from diffusion_align.methods.strategies.sampling import (
+    global_shares,
     image_size,
     per_sample_generators,
     per_step_micros,
@@ -132,14 +133,15 @@ class D3PO:
         n_opt = max(1, batch["global_pairs"] // (pairs_per_step * self.group.world_size))
         order = torch.randperm(len(batch["win"]), generator=generator)
         step_order = trained_steps(len(order), num_steps, 1.0, self.config.timestep_fraction, generator)
-        plan = []
+        plan, counts = [], []
         for chunk in np.array_split(order.numpy(), n_opt):
             pairs = torch.from_numpy(chunk).long()
+            counts.append(len(pairs))
             if len(pairs) == 0:  # this process has no pair for the step: contribute a zero gradient
                 plan.append([{"batch": batch, "pairs": pairs, "steps": pairs, "weight": 0.0}])
                 continue
             plan.append(per_step_micros(batch, pairs, step_order, pairs_per_micro, "pairs"))
-        return plan
+        return global_shares(plan, counts, self.group, batch["latents"].device)
 
     def filler(self, micro: dict) -> dict:
         """Padding for a sharded denoiser: the first sampled pair (decisive or not) at the first step."""

@@ -32,6 +32,7 @@ from diffusion_align.math.multi_objective import non_dominated, signed_objective
 from diffusion_align.math.stat_tracking import PerPromptStatTracker, group_advantages
 from diffusion_align.methods.distributed import LocalGroup
 from diffusion_align.methods.strategies.sampling import (
+    global_shares,
     per_step_micros,
     sample_groups,
     step_rows,
@@ -90,11 +91,9 @@ class FlowGRPOConfig(DDPOConfig):
 
 def without_zero_advantages(steps: list[Tensor], advantages: Tensor) -> list[Tensor]:
     """The optimizer steps' rows without those of advantage 0, spread evenly over as many steps (so every
-    process still takes the steps it planned); unchanged when fewer rows than steps would remain."""
+    process still takes the steps it planned; a step may be left without rows)."""
     rows = torch.cat(steps)
     kept = rows[advantages.cpu()[rows] != 0]
-    if len(kept) < len(steps):
-        return steps
     return list(torch.tensor_split(kept, len(steps)))
 
 
@@ -202,10 +201,16 @@ class DDPO:
         else:
             step_order = trained_steps(n, num_steps, cfg.timestep_window, cfg.timestep_fraction, generator)
         steps = step_rows(order, batch_size)
-        if cfg.filter_zero_advantages or cfg.pareto_selection != "none":
-            steps = without_zero_advantages(steps, batch["advantages"])
         # ddpo-pytorch: an inner loop over each sample's shuffled steps
-        return [per_step_micros(batch, rows, step_order, micro_batch_size, "rows") for rows in steps]
+        if not (cfg.filter_zero_advantages or cfg.pareto_selection != "none"):
+            return [per_step_micros(batch, rows, step_order, micro_batch_size, "rows") for rows in steps]
+        # the processes keep different numbers of samples: each step is the mean over all processes' kept ones
+        steps = without_zero_advantages(steps, batch["advantages"])
+        nothing = {"batch": batch, "rows": steps[0][:0], "steps": steps[0][:0], "weight": 0.0}
+        plan = [
+            per_step_micros(batch, rows, step_order, micro_batch_size, "rows") or [nothing] for rows in steps
+        ]
+        return global_shares(plan, [len(rows) for rows in steps], self.group, batch["latents"].device)
 
     def filler(self, micro: dict) -> dict:
         """Padding for a sharded denoiser (`across_processes.equal_micro_counts`): the first sample at a
@@ -218,6 +223,8 @@ class DDPO:
     # --- loss ----------------------------------------------------------------------------------------
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
         cfg, s, batch = self.config, self.sample, micro["batch"]
+        if len(micro["rows"]) == 0:  # a step whose samples all had advantage 0 here: a zero gradient
+            return sum(p.sum() * 0.0 for p in self.policy.parameters()), {}
         x_t, x_prev, t, embeds = transition_inputs(batch, micro["rows"], micro["steps"])
         mean, std = self.policy.transition(x_t, t, embeds, s.guidance_scale, s.num_steps)
         log_prob = self.policy.sampler.log_prob(x_prev, mean, std)

@@ -34,6 +34,7 @@ from diffusion_align.methods.distributed import LocalGroup
 from diffusion_align.methods.preference_data import BadImage, PairOrder, load_image, read_pairs
 from diffusion_align.methods.strategies.sampling import (
     forward_noised,
+    global_shares,
     image_size,
     noise_seeds,
     per_sample_generators,
@@ -103,7 +104,10 @@ class DiffusionDPO:
         gens = every[0::size]
         if self.config.pairs == "offline":
             if self.order.seed is None:  # the data order follows the run's seed, the same on every process
-                seed = torch.randint(0, 2**62, (1,), generator=gens[0], device=gens[0].device)
+                # drawn from a copy of process 0's first generator: the pairs' own draws stay as they are
+                draw = torch.Generator(gens[0].device)
+                draw.set_state(gens[0].get_state())
+                seed = torch.randint(0, 2**62, (1,), generator=draw, device=gens[0].device)
                 self.order.seed = int(self.group.gather(seed)[0])
             batch = self._collect_offline(len(gens))
         else:
@@ -219,8 +223,9 @@ class DiffusionDPO:
         pairs_per_micro = max(1, micro_batch_size // 2)
         n_opt = max(1, batch["global_pairs"] // (pairs_per_step * self.group.world_size))
         order = torch.randperm(len(batch["x0"]), generator=generator)
-        plan = []
+        plan, counts = [], []
         for chunk in np.array_split(order.numpy(), n_opt):
+            counts.append(len(chunk))
             step = self.steps + len(plan)
             refresh = self.config.ref_update_every > 0 and step % self.config.ref_update_every == 0
             # on every micro-batch of the step (the weights do not change within it), so the refresh happens
@@ -230,7 +235,7 @@ class DiffusionDPO:
             )
             plan.append(micros)
         self.steps += len(plan)
-        return plan
+        return global_shares(plan, counts, self.group, batch["x0"].device)
 
     def filler(self, micro: dict) -> dict:
         """Padding for a sharded denoiser: the first pair, or where this process has none (all its rows bad,

@@ -28,7 +28,12 @@ from diffusion_align.engine.sharding import is_sharded
 from diffusion_align.errors import UserError
 from diffusion_align.math.losses import group_pairs, prdp_loss
 from diffusion_align.methods.distributed import LocalGroup
-from diffusion_align.methods.strategies.sampling import sample_groups, window_steps, with_reference
+from diffusion_align.methods.strategies.sampling import (
+    global_shares,
+    sample_groups,
+    window_steps,
+    with_reference,
+)
 
 
 @dataclass
@@ -66,6 +71,7 @@ class PRDP:
         self.config, self.policy, self.reward, self.sample = config, policy, reward, sample
         self.group = group or LocalGroup()
         self.num_inner_epochs = config.num_inner_epochs
+        self.sharded = is_sharded(policy.backbone.unet)
 
     # --- collect -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -80,23 +86,7 @@ class PRDP:
         batch["old_log_probs"] = torch.full_like(batch["log_probs"], float("nan"))  # filled on first use
         first, _ = group_pairs(batch["group_ids"], batch["reward"].cpu())
         batch["metrics"]["pairs_per_group"] = len(first) / (n // size)
-        if is_sharded(self.policy.backbone.unet):
-            self._fill_caches(batch)
         return batch
-
-    def _fill_caches(self, batch: dict) -> None:
-        """Both cached log-probs of every trained step, now: a sharded denoiser must run the same calls on
-        every process, and filling them on first use would make that depend on each process's pairs. The
-        old policy's are the sampler's (equal to a training forward's up to float rounding of another batch
-        composition, so the on-policy ratio is 1 to about 1e-6 instead of exactly)."""
-        s, latents = self.sample, batch["latents"]
-        batch["old_log_probs"] = batch["log_probs"].clone()
-        for i in range(window_steps(batch["log_probs"].shape[1], self.config.timestep_window)):
-            for start in range(0, len(latents), s.batch_size):
-                r = torch.arange(start, min(len(latents), start + s.batch_size), device=latents.device)
-                t = batch["timesteps"][i].to(latents.device).expand(len(r))
-                step = (latents[r, i], latents[r, i + 1], t)
-                self._ref(batch, r, i, *step, batch["embeds"][r])
 
     # --- plan ----------------------------------------------------------------------------------------
     def plan(self, batch: dict, batch_size: int, micro_batch_size: int, generator) -> list[list[dict]]:
@@ -107,10 +97,11 @@ class PRDP:
         rewards, ids = batch["reward"].cpu(), batch["group_ids"]
         pairs_in = torch.bincount(ids[group_pairs(ids, rewards)[0]], minlength=num_groups)
         order = torch.randperm(num_groups, generator=generator)
-        plan = []
+        plan, counts = [], []
         for start in range(0, max(1, num_groups - groups_per_step + 1), groups_per_step):
             groups = order[start : start + groups_per_step]
             total = int(pairs_in[groups].sum())
+            counts.append(total)
             micros = []
             for m in range(0, len(groups), groups_per_micro):
                 g = groups[m : m + groups_per_micro]
@@ -118,7 +109,7 @@ class PRDP:
                 if count or not total:  # a step with no pair at all still gets one (zero) micro-batch
                     micros.append({"batch": batch, "groups": g, "weight": count / total if total else 0.0})
             plan.append(micros)
-        return plan
+        return global_shares(plan, counts, self.group, batch["latents"].device)
 
     def filler(self, micro: dict) -> dict:
         """Padding for a sharded denoiser: group 0's first two images as a pair, whatever their rewards."""
@@ -145,12 +136,15 @@ class PRDP:
         for i in range(num_steps):
             t = batch["timesteps"][i].to(latents.device).expand(len(rows))
             steps.append((latents[r, i], latents[r, i + 1], t))
-        refs = [self._ref(batch, r, i, *step, embeds) for i, step in enumerate(steps)]
         old = batch["old_log_probs"][r, :num_steps]
         missing = bool(torch.isnan(old).any())
         moved = missing and not self._weights_are(batch["old_params"])
-        if moved:  # the snapshot's forwards swap weights in place: all before any graph holds the weights
-            old = self._old_log_probs(batch["old_params"], steps, embeds)
+        ref_missing = bool(torch.isnan(batch["ref_log_probs"][r, :num_steps]).any())
+        run_ref, run_old = self._agreed(ref_missing, moved, latents.device)
+        refs = [self._ref(batch, r, i, *step, embeds, run_ref) for i, step in enumerate(steps)]
+        if run_old:  # the snapshot's forwards swap weights in place: all before any graph holds the weights
+            snapshot = self._old_log_probs(batch["old_params"], steps, embeds)
+            old = snapshot if moved else old
         kls = []
         if cfg.kl_beta > 0:  # the same forwards give the log-probs; the reference adds one per step
             log_probs = []
@@ -187,13 +181,23 @@ class PRDP:
             loss, metrics["kl"] = loss + cfg.kl_beta * kl, kl.item()
         return loss, metrics
 
-    def _ref(self, batch, r, i, x_t, x_prev, t, embeds) -> Tensor:
+    def _agreed(self, ref_missing: bool, old_moved: bool, device) -> tuple[bool, bool]:
+        """Whether to run the reference's forwards and the snapshot's: where needed here, and with a sharded
+        denoiser wherever any process needs them (its blocks run only when every process calls them; the
+        values of a run made only for that are not used)."""
+        if not self.sharded:
+            return ref_missing, old_moved
+        flags = self.group.gather(torch.tensor([[int(ref_missing), int(old_moved)]], device=device))
+        return bool(flags[:, 0].max() > 0), bool(flags[:, 1].max() > 0)
+
+    def _ref(self, batch, r, i, x_t, x_prev, t, embeds, run: bool) -> Tensor:
         cached = batch["ref_log_probs"][r, i]
-        if torch.isnan(cached).any():
+        if run:
             s = self.sample
             with torch.no_grad(), self.policy.reference():
-                cached = self.policy.log_prob(x_t, x_prev, t, embeds, s.guidance_scale, s.num_steps)
-            batch["ref_log_probs"][r, i] = cached
+                fresh = self.policy.log_prob(x_t, x_prev, t, embeds, s.guidance_scale, s.num_steps)
+            if torch.isnan(cached).any():
+                batch["ref_log_probs"][r, i] = cached = fresh
         return cached
 
     # --- the old policy ------------------------------------------------------------------------------

@@ -184,6 +184,22 @@ def weighted_micros(batch: dict, rows: Tensor, micro_size: int, key: str = "rows
     return micros
 
 
+def global_shares(plan: list[list[dict]], counts: list[int], group, device) -> list[list[dict]]:
+    """`plan` with each micro-batch's weight turned from its share of this process's `counts[s]` rows of step
+    s into its share of the step's rows on all processes, times the number of processes: the trainer
+    averages the processes' gradients, so this makes the step the mean over the global batch (the
+    one-process step) however unevenly the rows are spread (decisive pairs, filtered advantages). With one
+    process, or equal counts, the weights stay as they are."""
+    if group.world_size == 1:
+        return plan
+    totals = group.gather(torch.tensor(counts, device=device)).view(group.world_size, -1).sum(0).tolist()
+    for micros, local, total in zip(plan, counts, totals, strict=True):
+        scale = group.world_size * local / total if total else 0.0
+        for micro in micros:
+            micro["weight"] *= scale
+    return plan
+
+
 def per_step_micros(batch: dict, rows: Tensor, step_order: Tensor, micro_size: int, key: str) -> list[dict]:
     """One optimizer step's micro-batches when each sample trains on several of its steps: for each chunk of
     `micro_size` of `rows`, one micro per trained step j (chunk-major, as ddpo-pytorch loops), with the
