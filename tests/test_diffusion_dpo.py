@@ -107,6 +107,23 @@ def test_loss_equals_a_hand_computation():
     assert loss.item() == pytest.approx((0.015 - 1 / 20) ** 2, rel=1e-5)  # (h - 1 / (2 beta))^2
 
 
+def test_sft_weight_adds_the_winner_error_in_the_dpo_terms_units():
+    # RPO-style: loss + sft_weight * beta * s * error_w. By hand (salesforce form, s = 1/2, beta 100):
+    # inside = 1.5 as above, so loss = log(1 + e^-1.5) + 0.4 * 50 * 0.30, and d loss / d error_w =
+    # beta s sigmoid(-1.5) + 0.4 * beta s (the winner's error pulled down harder), d / d error_l unchanged.
+    w, l, rw, rl = (
+        torch.tensor([v], dtype=torch.float64, requires_grad=True) for v in (0.30, 0.50, 0.32, 0.49)
+    )
+    loss, reward_w, reward_l = diffusion_dpo_loss(w, l, rw, rl, 100.0, sft_weight=0.4)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1.5)) + 0.4 * 50 * 0.30, rel=1e-9)
+    loss.sum().backward()
+    sig = 1 / (1 + math.exp(1.5))
+    assert w.grad.item() == pytest.approx(50 * sig + 0.4 * 50, rel=1e-9)
+    assert l.grad.item() == pytest.approx(-50 * sig, rel=1e-9)
+    assert reward_w.item() == pytest.approx(50 * (0.32 - 0.30), rel=1e-9)  # the implicit rewards: unchanged
+    assert reward_l.item() == pytest.approx(50 * (0.49 - 0.50), rel=1e-9)
+
+
 def test_beta_5000_in_the_paper_form_is_beta_2500_in_diffusers_form():
     g = torch.Generator().manual_seed(0)
     errors = [torch.rand(6, generator=g) for _ in range(4)]
