@@ -21,7 +21,6 @@ import torch
 
 from diffusion_align.builder import build_run
 from diffusion_align.config import load_config
-from diffusion_align.engine.rollout import generate
 from diffusion_align.methods.strategies.sampling import squared_error
 
 
@@ -59,6 +58,7 @@ def main() -> None:
         x_t, t, target, embeds = strategy.noised_pairs(batch, rows)
         error = squared_error(policy.denoiser_output(x_t, t, embeds), target)
         p = len(rows)
+        err_w, err_l = error[:p].mean().item(), error[p:].mean().item()
         g_w = flat_grad(params, error[:p].mean())
         error = squared_error(policy.denoiser_output(x_t, t, embeds), target)
         g_l = flat_grad(params, error[p:].mean())
@@ -69,36 +69,12 @@ def main() -> None:
         out[name] = (g_w, g_l, g_dpo)
         print(
             f"batch {name}: {p} rows, reward gap winner-loser mean {gap.mean():.3f} "
-            f"median {gap.median():.3f} "
+            f"median {gap.median():.3f}, denoising error winners {err_w:.4f} losers {err_l:.4f} "
             f"| |g_w| {g_w.norm():.4g} |g_l| {g_l.norm():.4g} |g_w-g_l| {(g_w - g_l).norm():.4g} "
             f"| cos(g_w,g_l) {cos(g_w, g_l):.3f} cos(g_dpo,g_w-g_l) {cos(g_dpo, g_w - g_l):.3f} "
             f"cos(g_dpo,g_w) {cos(g_dpo, g_w):.3f} cos(g_dpo,-g_l) {cos(g_dpo, -g_l):.3f}"
         )
     (aw, al, ad), (bw, bl, bd) = out["A"], out["B"]
-    # the reward's ascent direction: its pathwise gradient through the sampler (as benchmarks/pg_signal.py)
-    up = []
-    for seed in (3, 4):
-        g = torch.Generator().manual_seed(seed)
-        prompts = [
-            run.train_prompts[int(i)] for i in torch.randint(len(run.train_prompts), (n,), generator=g)
-        ]
-        gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
-        total = 0.0
-        for k in range(0, n, 16):
-            s = settings.sample
-            _, traj = generate(
-                policy.backbone, policy.sampler, prompts[k : k + 16], gens[k : k + 16], s.num_steps,
-                s.guidance_scale, s.eta, grad_steps=range(s.num_steps),
-            )  # fmt: skip
-            reward = run.reward.raw_total(run.reward.components(traj.images.float(), prompts[k : k + 16]))
-            total = total + reward.sum() / n
-        up.append(flat_grad(params, total))
-    r = up[0] + up[1]
-    print(
-        f"reward ascent (pathwise, 2 x {n} images): cos between halves {cos(up[0], up[1]):.3f}; cos with the "
-        f"descent steps: SFT on winners -g_w {cos(-(aw + bw), r):.3f}, -g_dpo {cos(-(ad + bd), r):.3f}, "
-        f"+g_l (loser error up) {cos(al + bl, r):.3f}, -(g_w-g_l) {cos(-(aw + bw - al - bl), r):.3f}"
-    )
     print(
         f"A vs B: cos(g_w) {cos(aw, bw):.3f} cos(g_l) {cos(al, bl):.3f} "
         f"cos(g_w-g_l) {cos(aw - al, bw - bl):.3f} "

@@ -163,6 +163,30 @@ def test_swapping_winner_and_loser_reverses_the_gradient(sd_batch):
     assert swapped.norm() / forward.norm() == pytest.approx(ratio.item(), rel=1e-3)
 
 
+def test_the_strategy_adds_sft_weight_times_the_winners_policy_error(sd_batch):
+    strategy, batch = sd_batch
+    pairs = torch.tensor([0, 1])
+    calls, handle = record_denoiser(strategy.policy.backbone.unet)
+    try:
+        with torch.no_grad():
+            plain, _ = strategy.loss({"batch": batch, "pairs": pairs, "weight": 1.0})
+    finally:
+        handle.remove()
+    x_t, t, _ = calls[0]
+    a = DDIMSampler.from_scheduler(tiny_sd().scheduler).alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x0 = torch.cat([batch["x0"][pairs, 0], batch["x0"][pairs, 1]])
+    noise = (x_t.float() - a.sqrt() * x0) / (1 - a).sqrt()  # the target of epsilon-prediction
+    winner_error = ((calls[1][2][:2].float() - noise[:2]) ** 2).mean().item()  # the policy's call
+    strategy.config.sft_weight = 0.5
+    try:
+        with torch.no_grad():
+            added, _ = strategy.loss({"batch": batch, "pairs": pairs, "weight": 1.0})
+    finally:
+        strategy.config.sft_weight = 0.0
+    # beta 200 in the salesforce form (s = 1/2): + 0.5 * 200 * 0.5 * mean winner error
+    assert added.item() - plain.item() == pytest.approx(50.0 * winner_error, rel=1e-3)
+
+
 def test_the_reference_is_the_base_model_bit_for_bit(sd_batch):
     strategy, batch = sd_batch
     base = tiny_sd().unet  # the same seeded weights, never given a LoRA
