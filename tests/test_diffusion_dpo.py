@@ -107,6 +107,23 @@ def test_loss_equals_a_hand_computation():
     assert loss.item() == pytest.approx((0.015 - 1 / 20) ** 2, rel=1e-5)  # (h - 1 / (2 beta))^2
 
 
+def test_sft_weight_adds_the_winner_error_in_the_dpo_terms_units():
+    # RPO-style: loss + sft_weight * beta * s * error_w. By hand (salesforce form, s = 1/2, beta 100):
+    # inside = 1.5 as above, so loss = log(1 + e^-1.5) + 0.4 * 50 * 0.30, and d loss / d error_w =
+    # beta s sigmoid(-1.5) + 0.4 * beta s (the winner's error pulled down harder), d / d error_l unchanged.
+    w, l, rw, rl = (
+        torch.tensor([v], dtype=torch.float64, requires_grad=True) for v in (0.30, 0.50, 0.32, 0.49)
+    )
+    loss, reward_w, reward_l = diffusion_dpo_loss(w, l, rw, rl, 100.0, sft_weight=0.4)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1.5)) + 0.4 * 50 * 0.30, rel=1e-9)
+    loss.sum().backward()
+    sig = 1 / (1 + math.exp(1.5))
+    assert w.grad.item() == pytest.approx(50 * sig + 0.4 * 50, rel=1e-9)
+    assert l.grad.item() == pytest.approx(-50 * sig, rel=1e-9)
+    assert reward_w.item() == pytest.approx(50 * (0.32 - 0.30), rel=1e-9)  # the implicit rewards: unchanged
+    assert reward_l.item() == pytest.approx(50 * (0.49 - 0.50), rel=1e-9)
+
+
 def test_beta_5000_in_the_paper_form_is_beta_2500_in_diffusers_form():
     g = torch.Generator().manual_seed(0)
     errors = [torch.rand(6, generator=g) for _ in range(4)]
@@ -144,6 +161,30 @@ def test_swapping_winner_and_loser_reverses_the_gradient(sd_batch):
     inside = metrics["rewards/margin"]
     ratio = torch.sigmoid(torch.tensor(inside)) / torch.sigmoid(torch.tensor(-inside))
     assert swapped.norm() / forward.norm() == pytest.approx(ratio.item(), rel=1e-3)
+
+
+def test_the_strategy_adds_sft_weight_times_the_winners_policy_error(sd_batch):
+    strategy, batch = sd_batch
+    pairs = torch.tensor([0, 1])
+    calls, handle = record_denoiser(strategy.policy.backbone.unet)
+    try:
+        with torch.no_grad():
+            plain, _ = strategy.loss({"batch": batch, "pairs": pairs, "weight": 1.0})
+    finally:
+        handle.remove()
+    x_t, t, _ = calls[0]
+    a = DDIMSampler.from_scheduler(tiny_sd().scheduler).alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    x0 = torch.cat([batch["x0"][pairs, 0], batch["x0"][pairs, 1]])
+    noise = (x_t.float() - a.sqrt() * x0) / (1 - a).sqrt()  # the target of epsilon-prediction
+    winner_error = ((calls[1][2][:2].float() - noise[:2]) ** 2).mean().item()  # the policy's call
+    strategy.config.sft_weight = 0.5
+    try:
+        with torch.no_grad():
+            added, _ = strategy.loss({"batch": batch, "pairs": pairs, "weight": 1.0})
+    finally:
+        strategy.config.sft_weight = 0.0
+    # beta 200 in the salesforce form (s = 1/2): + 0.5 * 200 * 0.5 * mean winner error
+    assert added.item() - plain.item() == pytest.approx(50.0 * winner_error, rel=1e-3)
 
 
 def test_the_reference_is_the_base_model_bit_for_bit(sd_batch):

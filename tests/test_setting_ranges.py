@@ -52,6 +52,10 @@ def config_error(overrides: list[str], source: dict | None = None) -> str:
             "strategy.group_size=1 must be at least 2",
         ),
         ("strategy={name: draft, k: -1}", "strategy.k=-1 must be at least 0"),
+        (
+            "strategy={name: diffusion_dpo, data: x.jsonl, sft_weight: -1}",
+            "strategy.sft_weight=-1.0 must be at least 0",
+        ),
     ],
 )
 def test_out_of_range_setting_is_a_one_line_error(override, expected):

@@ -241,6 +241,7 @@ _STRATEGY_RANGES = {
     "diffusion_dpo": dict(
         beta=POSITIVE, group_size=at_least(2), ref_update_every=at_least(0),
         empty_prompt_fraction=PROBABILITY, num_inner_epochs=at_least(1), noise_draws=at_least(1),
+        sft_weight=NON_NEGATIVE,
     ),
     "reward_sft": dict(group_size=at_least(1), keep_fraction=FRACTION, num_inner_epochs=at_least(1)),
 }  # fmt: skip

@@ -8,7 +8,8 @@ Formulas (anchors §2):
 - PRDP: per-step log-ratios h_t = logp_theta - logp_ref, proximally clipped to h_old_t +- e; trajectory value
   h = mean_t h_t; pair loss = max((h_a - h_b - (r_a - r_b) / beta)^2, same with clipped h).
 - Diffusion-DPO: d = (|e_ref_w|^2 - |e_ref_l|^2) - (|e_w|^2 - |e_l|^2) of the denoising errors (mean over
-  latent dims) at a shared noise and t; sigmoid loss = -log sigmoid(beta * s * d) (`diffusion_dpo_loss`: s).
+  latent dims) at a shared noise and t; sigmoid loss = -log sigmoid(beta * s * d) (`diffusion_dpo_loss`: s),
+  optionally + sft_weight * beta * s * |e_w|^2 (RPO-style: the winner's denoising loss).
 """
 
 from __future__ import annotations
@@ -194,12 +195,17 @@ def diffusion_dpo_loss(
     beta: float,
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid",
     beta_form: Literal["salesforce", "diffusers"] = "salesforce",
+    sft_weight: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Diffusion-DPO per pair (Wallace et al. 2024; anchors 2.6). All inputs (P,): the mean squared denoising
     errors of winner and loser (same noise, same t) under the policy (with gradient) and the reference.
 
     h = s * ((ref_error_w - error_w) - (ref_error_l - error_l)), s from DPO_BETA_SCALE[beta_form];
     sigmoid: -log sigmoid(beta h); hinge: relu(1 - beta h); ipo: (h - 1 / (2 beta))^2 (diffusers' example).
+    sft_weight > 0 adds sft_weight * beta * s * error_w, the winner's own denoising loss (as RPO adds the
+    chosen answer's NLL to DPO): DPO alone may raise both errors, the loser's faster ("likelihood
+    displacement"); this keeps the winner's error pulled down. In the sigmoid loss's units: at its start
+    (sigmoid slope 1/2) weight 1 pulls error_w twice as hard as the DPO term does.
     Returns (loss (P,), implicit reward of the winner beta * s * (ref_error_w - error_w) (P,), of the loser
     (P,)), the rewards detached: their difference is the margin, its sign the implicit accuracy.
     """
@@ -217,4 +223,6 @@ def diffusion_dpo_loss(
         loss = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown Diffusion-DPO loss_type {loss_type!r}: sigmoid, hinge or ipo")
+    if sft_weight:
+        loss = loss + sft_weight * beta * s * error_w
     return loss, beta * s * gain_w.detach(), beta * s * gain_l.detach()

@@ -13,7 +13,8 @@ Loss per pair: one noise and one t for winner and loser (t uniform over the trai
 the sampler's forward process, the denoising error |pred - target|^2 (mean over latent dims; target = noise
 for epsilon-prediction SD, noise - x0 for flow models) under the policy and the reference, then
 `losses.diffusion_dpo_loss` (sigmoid, hinge or IPO; beta_form salesforce: -beta/2 (d_model - d_ref), the
-paper's code, beta 5000, the default; diffusers: beta (d_ref - d_model), beta 2500). Reference: the base
+paper's code, beta 5000, the default; diffusers: beta (d_ref - d_model), beta 2500), plus, with
+`sft_weight` > 0, the winner's own denoising error (RPO-style). Reference: the base
 model (LoRA disabled) or, with `ref_update_every` N > 0, a copy of the policy refreshed every N optimizer
 steps (flow_grpo's ref_update_step).
 """
@@ -62,6 +63,9 @@ class DiffusionDPOConfig:
     noise_draws: int = 1  # (t, noise) draws per pair and epoch (the paper: 1; more = less gradient noise)
     cache_latents: bool = True  # offline: keep each pair's VAE latents (host memory) after their first use
     num_inner_epochs: int = 1  # passes over each collected batch
+    # + sft_weight * beta * s * the winner's denoising error (RPO-style; 0 = the paper's loss): against
+    # DPO raising the winner's error along with the loser's (benchmarks/results/dpo_shapes)
+    sft_weight: float = 0.0
 
 
 class DiffusionDPO:
@@ -266,7 +270,8 @@ class DiffusionDPO:
         error = squared_error(output(x_t, t, embeds), target)
         p = len(pairs)
         losses, reward_w, reward_l = diffusion_dpo_loss(
-            error[:p], error[p:], ref_error[:p], ref_error[p:], cfg.beta, cfg.loss_type, cfg.beta_form
+            *(error[:p], error[p:], ref_error[:p], ref_error[p:]),
+            *(cfg.beta, cfg.loss_type, cfg.beta_form, cfg.sft_weight),
         )
         margin = reward_w - reward_l
         return losses.mean(), {
