@@ -40,6 +40,7 @@ from diffusion_align.methods.strategies.sampling import (
     trained_steps,
     transition_inputs,
     with_reference,
+    zero_loss,
 )
 
 SECOND_IMAGE_SEED_OFFSET = 2**40
@@ -153,7 +154,7 @@ class D3PO:
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
         batch, pairs, s = micro["batch"], micro["pairs"], self.sample
         if len(pairs) == 0:
-            return sum(p.sum() * 0.0 for p in self.policy.parameters()), {}
+            return zero_loss(self.policy), {}
         rows = torch.cat([batch["win"][pairs], batch["lose"][pairs]])
         steps = torch.cat([micro["steps"], micro["steps"]])
         x_t, x_prev, t, embeds = transition_inputs(batch, rows, steps)

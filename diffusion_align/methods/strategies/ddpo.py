@@ -39,6 +39,7 @@ from diffusion_align.methods.strategies.sampling import (
     trained_steps,
     transition_inputs,
     window_steps,
+    zero_loss,
 )
 
 
@@ -224,7 +225,7 @@ class DDPO:
     def loss(self, micro: dict) -> tuple[Tensor, dict[str, float]]:
         cfg, s, batch = self.config, self.sample, micro["batch"]
         if len(micro["rows"]) == 0:  # a step whose samples all had advantage 0 here: a zero gradient
-            return sum(p.sum() * 0.0 for p in self.policy.parameters()), {}
+            return zero_loss(self.policy), {}
         x_t, x_prev, t, embeds = transition_inputs(batch, micro["rows"], micro["steps"])
         mean, std = self.policy.transition(x_t, t, embeds, s.guidance_scale, s.num_steps)
         log_prob = self.policy.sampler.log_prob(x_prev, mean, std)

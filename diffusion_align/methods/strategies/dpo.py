@@ -43,6 +43,7 @@ from diffusion_align.methods.strategies.sampling import (
     squared_error,
     training_timesteps,
     weighted_micros,
+    zero_loss,
 )
 
 
@@ -262,7 +263,7 @@ class DiffusionDPO:
         if micro.get("refresh_reference"):
             self.ref = [p.detach().clone() for p in self.policy.parameters()]
         if len(pairs) == 0:
-            return sum(p.sum() * 0.0 for p in self.policy.parameters()), {}
+            return zero_loss(self.policy), {}
         x_t, t, target, embeds = self.noised_pairs(batch, pairs)
         output = self.policy.denoiser_output
         with torch.no_grad(), self._reference():  # before the policy: a weight swap must not meet a graph

@@ -33,6 +33,7 @@ from diffusion_align.methods.strategies.sampling import (
     sample_groups,
     window_steps,
     with_reference,
+    zero_loss,
 )
 
 
@@ -127,7 +128,7 @@ class PRDP:
         else:
             first, second = group_pairs(batch["group_ids"][rows], rewards)
         if len(first) == 0:
-            return sum(p.sum() * 0.0 for p in self.policy.parameters()), {"pairs": 0.0}
+            return zero_loss(self.policy), {"pairs": 0.0}
         latents = batch["latents"]
         num_steps = window_steps(batch["log_probs"].shape[1], cfg.timestep_window)
         r = rows.to(latents.device)

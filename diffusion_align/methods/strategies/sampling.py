@@ -200,6 +200,12 @@ def global_shares(plan: list[list[dict]], counts: list[int], group, device) -> l
     return plan
 
 
+def zero_loss(policy) -> Tensor:
+    """The loss of a micro-batch with nothing to learn: a zero with a graph in the LoRA, so `backward` and
+    the gradient all-reduce work on every process."""
+    return sum(p.sum() * 0.0 for p in policy.parameters())
+
+
 def per_step_micros(batch: dict, rows: Tensor, step_order: Tensor, micro_size: int, key: str) -> list[dict]:
     """One optimizer step's micro-batches when each sample trains on several of its steps: for each chunk of
     `micro_size` of `rows`, one micro per trained step j (chunk-major, as ddpo-pytorch loops), with the
