@@ -8,6 +8,7 @@ recipes (0.680 to 0.700).
 Measured on 2 shared CPU cores, 20 epochs x 64 images (about 3 min per run on one core), held-out reward
 from 0.680, for train.seed 0 / 1 / 2:
   DDPO 0.825 / 0.878 / 0.822     D3PO 0.892 / 0.768 / 0.694     PRDP 0.897 / 0.887 / 0.856
+  reward-filtered SFT 0.867 / 0.848 / 0.893 (detector 0.730 -> 0.961 / 0.941 / 0.980)
   D3PO with a second, zero-weight reward (d3po_shapes_two_rewards.yaml) 0.892 / 0.768 / 0.693: the same
   pairs (all decisive; before the signed weights only 44% were in its first epoch).
 (D3PO is seed-sensitive: its binary preferences weigh a near-tie like a clear win; every step trained,
@@ -42,6 +43,7 @@ CASES = {
     "ddpo_shapes": ([], 0.08),
     "d3po_shapes": ([], 0.05),
     "prdp_shapes": ([], 0.08),
+    "sft_shapes": ([], 0.08),
     "nft_shapes_flow": ([], 0.03),
 }
 
