@@ -43,10 +43,11 @@ def equal_micro_counts(micros: list[dict], strategy, group, device) -> tuple[lis
     real = [m for m in micros if m["weight"] > 0]
     counts = group.gather(torch.tensor([len(real)], device=device))
     wanted = max(1, int(counts.max().item()))
-    fillers = [strategy.filler(micros[0]) for _ in range(wanted - len(real))]
-    for filler in fillers:
-        filler.update(weight=0.0, filler=True)
-    return real + fillers, len(fillers)
+    missing = wanted - len(real)
+    if not missing:
+        return real, 0
+    filler = {**strategy.filler(micros[0]), "weight": 0.0, "filler": True}  # built once, run `missing` times
+    return real + [filler] * missing, missing
 
 
 def reward_metrics(recorded: dict[str, torch.Tensor], group, epoch: int) -> dict[str, float]:

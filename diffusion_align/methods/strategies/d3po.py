@@ -138,9 +138,6 @@ class D3PO:
         for chunk in np.array_split(order.numpy(), n_opt):
             pairs = torch.from_numpy(chunk).long()
             counts.append(len(pairs))
-            if len(pairs) == 0:  # this process has no pair for the step: contribute a zero gradient
-                plan.append([{"batch": batch, "pairs": pairs, "steps": pairs, "weight": 0.0}])
-                continue
             plan.append(per_step_micros(batch, pairs, step_order, pairs_per_micro, "pairs"))
         return global_shares(plan, counts, self.group, batch["latents"].device)
 

@@ -207,10 +207,7 @@ class DDPO:
             return [per_step_micros(batch, rows, step_order, micro_batch_size, "rows") for rows in steps]
         # the processes keep different numbers of samples: each step is the mean over all processes' kept ones
         steps = without_zero_advantages(steps, batch["advantages"])
-        nothing = {"batch": batch, "rows": steps[0][:0], "steps": steps[0][:0], "weight": 0.0}
-        plan = [
-            per_step_micros(batch, rows, step_order, micro_batch_size, "rows") or [nothing] for rows in steps
-        ]
+        plan = [per_step_micros(batch, rows, step_order, micro_batch_size, "rows") for rows in steps]
         return global_shares(plan, [len(rows) for rows in steps], self.group, batch["latents"].device)
 
     def filler(self, micro: dict) -> dict:

@@ -209,7 +209,10 @@ def zero_loss(policy) -> Tensor:
 def per_step_micros(batch: dict, rows: Tensor, step_order: Tensor, micro_size: int, key: str) -> list[dict]:
     """One optimizer step's micro-batches when each sample trains on several of its steps: for each chunk of
     `micro_size` of `rows`, one micro per trained step j (chunk-major, as ddpo-pytorch loops), with the
-    chunk's `key` (rows or pairs), steps `step_order[chunk, j]` and weight = its share of the step."""
+    chunk's `key` (rows or pairs), steps `step_order[chunk, j]` and weight = its share of the step. A step
+    without rows is one empty micro-batch (weight 0), as in `weighted_micros`."""
+    if len(rows) == 0:
+        return [{"batch": batch, key: rows, "steps": rows, "weight": 0.0}]
     trained = step_order.shape[1]
     micros = []
     for m in range(0, len(rows), micro_size):
