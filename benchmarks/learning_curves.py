@@ -38,6 +38,8 @@ def run_recipe(recipe: Path, seed: int, eval_every: int, out: Path) -> list[dict
     points = [
         dict(epoch=0, images=0, seconds=0.0, reward=before["reward"], detector=before["extra/shapes_color"])
     ]
+    if getattr(config.strategy, "pairs", None) == "offline":  # its images were sampled before training
+        points[0]["offline"] = True
     seconds = 0.0
     for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
         seconds += record.get("time/epoch_seconds", 0.0)
@@ -52,6 +54,11 @@ def run_recipe(recipe: Path, seed: int, eval_every: int, out: Path) -> list[dict
                 )
             )
     return points
+
+
+def _offline(runs: dict[int, list[dict]]) -> bool:
+    """Offline preference recipes sample no images while training: their x is the pair images read."""
+    return any(points[0].get("offline") for points in runs.values())
 
 
 def plot(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
@@ -69,7 +76,8 @@ def plot(curves: dict[str, dict[int, list[dict]]], path: Path) -> None:
                 ax.plot([p[x] for p in points], [p["reward"] for p in points], color=color, alpha=0.3, lw=0.8)
             mean_x = np.mean([[p[x] for p in points] for points in runs.values()], axis=0)
             mean_y = np.mean([[p["reward"] for p in points] for points in runs.values()], axis=0)
-            ax.plot(mean_x, mean_y, "o-", color=color, label=f"{name} (mean of {len(runs)} seeds)")
+            read = ", x: pair images read" if _offline(runs) else ""
+            ax.plot(mean_x, mean_y, "o-", color=color, label=f"{name} (mean of {len(runs)} seeds{read})")
     axes[0].set_xlabel("images sampled for training")
     axes[1].set_xlabel("training wall time (s, evaluations excluded)")
     axes[0].set_ylabel("held-out reward (fixed eval seeds)")
@@ -91,7 +99,8 @@ def table(curves: dict[str, dict[int, list[dict]]]) -> str:
             a, b = points[0], points[-1]
             lines.append(
                 f"| {name} | {seed} | {a['reward']:.3f} -> {b['reward']:.3f} | "
-                f"{a['detector']:.3f} -> {b['detector']:.3f} | {b['images']} | {b['seconds']:.0f} |"
+                f"{a['detector']:.3f} -> {b['detector']:.3f} | {b['images']}{' read' if a.get('offline') else ''} "
+                f"| {b['seconds']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 
