@@ -95,12 +95,12 @@ def table(curves: dict[str, dict[int, list[dict]]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, runs in curves.items():
+        read = " read" if _offline(runs) else ""
         for seed, points in runs.items():
             a, b = points[0], points[-1]
             lines.append(
                 f"| {name} | {seed} | {a['reward']:.3f} -> {b['reward']:.3f} | "
-                f"{a['detector']:.3f} -> {b['detector']:.3f} | {b['images']}{' read' if a.get('offline') else ''} "
-                f"| {b['seconds']:.0f} |"
+                f"{a['detector']:.3f} -> {b['detector']:.3f} | {b['images']}{read} | {b['seconds']:.0f} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -15,13 +15,15 @@ from 0.680, for train.seed 0 / 1 / 2:
 timestep_fraction 1.0: 0.867 / 0.729 / 0.761.)
   AlignProp (shapes_heldout, 16 prompts) 0.795 -> 0.843 in 8 optimizer steps.
 On the bundled flow model (shapes-flow), fine-tuned on 52 red-triangle captions (a colour-shape pair held out
-of its training) and judged on the 26 others x 3 images (eval-seed noise of the mean 0.008 CFG-free, 0.009 at
-CFG 4.5 / 40 steps, four seed sets): DiffusionNFT 0.720 -> 0.785 / 0.760 / 0.820, detector 0.801 -> 0.885 /
-0.846 / 0.949 (train.seed 0 / 1 / 2; about 2 min a run); on-line Diffusion-DPO 0.773 / 0.758 / 0.793, detector
-0.872 / 0.846 / 0.878; offline Diffusion-DPO from 512 detector-labelled base-model pairs 0.779 / 0.778 / 0.797,
-detector 0.878 / 0.853 / 0.923 (under a minute a run); Flow-GRPO (CFG-free, no KL) 0.751 / 0.760 / 0.757,
-detector 0.865 / 0.840 / 0.872; Flow-GRPO-Fast (3-step SDE window) 0.762 / 0.778 / 0.768, detector 0.878 /
-0.885 / 0.885. Flow-GRPO trained and judged at CFG 4.5 did not learn (0.713 -> 0.719 / 0.708 / 0.712).
+of its training), trained and judged CFG-free on the 26 others x 3 images (10-step ODE; eval-seed noise of the
+mean 0.008, four seed sets), held-out reward from 0.720 and detector from 0.801 (train.seed 0 / 1 / 2):
+  DiffusionNFT 0.785 / 0.760 / 0.820 (detector 0.885 / 0.846 / 0.949), about 2 min a run
+  Flow-GRPO, no KL 0.751 / 0.760 / 0.757 (detector 0.865 / 0.840 / 0.872), about 70 s
+  Flow-GRPO-Fast, 3-step SDE window 0.762 / 0.778 / 0.768 (detector 0.878 / 0.885 / 0.885), about 45 s
+  on-line Diffusion-DPO 0.773 / 0.758 / 0.793 (detector 0.872 / 0.846 / 0.878), about 45 s
+  offline Diffusion-DPO, 512 reward-labelled base-model pairs 0.779 / 0.778 / 0.797 (detector 0.878 / 0.853 /
+  0.923), about 30 s for the pairs and 55 s to train.
+Flow-GRPO trained and judged at CFG 4.5 did not learn (0.713 -> 0.719 / 0.708 / 0.712).
 Without share_initial_noise the DDPO recipe ended at 0.871 / 0.637 and PRDP at 0.772 (seed 0): x_T, which
 no log-prob accounts for, decides most of a shape's colour. On all 676 training captions at once the
 likelihood methods do not move the shapes_heldout reward at CPU scale (80 epochs x 128 images, independent
