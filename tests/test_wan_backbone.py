@@ -231,6 +231,22 @@ def test_loads_from_a_pipeline_folder(tmp_path):
     )
 
 
+@pytest.mark.parametrize("source", ["folder", "built-in"])
+def test_at_bfloat16_the_vae_stays_float32_with_its_saved_weights(source, tmp_path):
+    """The transformer and text encoder take model.dtype; the VAE loads and stays in float32, its weights
+    the saved ones bit for bit (not a round trip through bfloat16), and a bfloat16 latent decodes in it."""
+    tiny_wan().save_pretrained(tmp_path / "model")
+    name = str(tmp_path / "model") if source == "folder" else "tiny-wan"
+    backbone = load_backbone(name, dtype="bfloat16", device="cpu")
+    assert backbone.unet.dtype == backbone.pipe.text_encoder.dtype == torch.bfloat16
+    assert backbone.vae.dtype == torch.float32
+    saved = tiny_wan().vae.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in backbone.vae.state_dict().items())
+    latents = torch.randn(1, 16, 2, 4, 4, dtype=torch.bfloat16)
+    video = backbone.decode(latents)
+    assert video.dtype == torch.float32 and torch.isfinite(video).all()
+
+
 def test_flow_grpo_ratio_is_exactly_one_on_policy_with_a_frame_lifted_reward():
     sample = SampleSettings(num_steps=3, eta=0.7, guidance_scale=4.5, batch_size=4)
     backbone = load_backbone("tiny-wan")

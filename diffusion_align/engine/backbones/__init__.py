@@ -101,6 +101,9 @@ def _load_pipeline(pretrained: str, dtype, revision, variant):
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     # Components saved as absent (e.g. SD3 without T5) load only when passed as None explicitly.
     extra.update({name: None for name, value in index.items() if value == [None, None]})
+    keep = SUPPORTED_PIPELINES[class_name].float32_components
+    if keep and dtype != torch.float32:
+        dtype = {"default": dtype, **dict.fromkeys(keep, torch.float32)}
     try:
         pipe = DiffusionPipeline.from_pretrained(
             pretrained, dtype=dtype, revision=revision, variant=variant, **extra

@@ -112,10 +112,18 @@ class StableDiffusionBackbone:
         side = self.unet.config.sample_size * self.vae_scale_factor
         return side, side
 
+    # pipeline components loaded and kept in float32 whatever model.dtype (Wan's VAE)
+    float32_components: tuple[str, ...] = ()
+
     def to(self, device=None, dtype=None) -> StableDiffusionBackbone:
         if dtype == self.dtype:  # a no-op cast still makes diffusers warn about fp32-pinned modules
             dtype = None
-        self.pipe.to(device=device, dtype=dtype)
+        if dtype is None or not self.float32_components:
+            self.pipe.to(device=device, dtype=dtype)
+            return self
+        for name, module in self.pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                module.to(device=device, dtype=None if name in self.float32_components else dtype)
         return self
 
     # --- text ---------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ class WanBackbone(SD3Backbone):
     lora_prefix = "transformer"
     max_sequence_length = 512  # UMT5 tokens: the pipeline call's default (its encode_prompt defaults to 226)
     is_video = True
+    # diffusers' Wan examples load the VAE in float32 beside a bfloat16 transformer: its decoder in half
+    # precision degrades the video (decode and encode cast latents and pixels to the VAE's dtype)
+    float32_components = ("vae",)
 
     def __init__(
         self, pipe, num_frames: int | None = None, grad_decode_frames: int | None = None, seed: int = 0
