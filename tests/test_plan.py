@@ -76,6 +76,17 @@ def test_meta_models_from_a_saved_tiny_pipeline_count_like_the_real_ones(name, t
     assert plan.lora_params == lora_count(backbone.unet, backbone.lora_targets, 4)
 
 
+@pytest.mark.parametrize("name", ["tiny-sd", "tiny-wan"])
+def test_the_plans_vae_bytes_are_what_loading_at_bfloat16_holds(name, tmp_path):
+    """Wan keeps its VAE in float32 at a half-precision model.dtype; the plan counts it so."""
+    from diffusion_align.engine.backbones import load_backbone
+
+    load_backbone(name, "float32", "cpu").pipe.save_pretrained(tmp_path)
+    held = load_backbone(str(tmp_path), "bfloat16", "cpu").vae.parameters()
+    rows = plan_memory(PlanInputs(str(tmp_path), dtype="bfloat16"), build_meta_pipeline(str(tmp_path))).rows
+    assert [b for label, b in rows if label.startswith("VAE")] == [sum(p.nbytes for p in held)]
+
+
 @pytest.mark.parametrize("name", ["shapes", "shapes-flow"])
 def test_bundled_models_resolve_as_training_does(name):
     from diffusion_align.engine.backbones import load_backbone

@@ -108,11 +108,12 @@ def plan_memory(inputs: PlanInputs, pipeline: MetaPipeline | None = None) -> Mem
     shards = inputs.gpus if inputs.sharding == "fsdp" else 1
     resident_encoders = 0 if inputs.offload_text_encoders else sum(counts[n] for n in pipe.text_encoders)
     where = "offloaded to CPU, on the GPU only while encoding" if inputs.offload_text_encoders else "resident"
+    vae_dtype = "float32" if "vae" in backbone.float32_components else inputs.dtype
     plan.rows = [
         (f"frozen denoiser ({inputs.dtype}{f', 1/{shards} per rank' if shards > 1 else ''})",
          -(-base * weight // shards)),
         (f"text encoders ({inputs.dtype}, {where})", resident_encoders * weight),
-        (f"VAE ({inputs.dtype})", counts.get("vae", 0) * weight),
+        (f"VAE ({vae_dtype})", counts.get("vae", 0) * DTYPES[vae_dtype].itemsize),
         ("LoRA weights (fp32)", lora * FP32),
         ("gradients (LoRA, fp32)", lora * FP32),
         ("optimizer state (AdamW: 2 x fp32 per LoRA parameter)", 2 * lora * FP32),
