@@ -75,6 +75,12 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
         )
     _check_batch_sizes(config, acc.num_processes)
     start = run_folder.on_main(acc, lambda: run_folder.check_start(config, overwrite))
+    # Prompts before the model: a wrong file name should not wait for a checkpoint to load.
+    p = config.prompts
+    if p.eval_images_per_prompt < 1:
+        raise UserError(f"prompts.eval_images_per_prompt={p.eval_images_per_prompt} must be at least 1")
+    train_prompts = load_prompts(p.train)
+    eval_prompts = [q for q in load_prompts(p.eval)[: p.eval_count] for _ in range(p.eval_images_per_prompt)]
 
     torch.manual_seed(derive_seed(t.seed, acc.process_index, 7))  # dropout etc.; saved with the RNG state
     backbone = build_backbone(dataclasses.replace(config.model, device=str(acc.device)))
@@ -99,11 +105,6 @@ def build_run(config: Config, overwrite: bool = False) -> TrainingRun:
     scheduler = warmup_schedule(optimizer, t.lr_warmup_steps)
     optimizer = acc.prepare(optimizer)  # fp16 loss scaling lives in accelerate's wrapper
 
-    p = config.prompts
-    if p.eval_images_per_prompt < 1:
-        raise UserError(f"prompts.eval_images_per_prompt={p.eval_images_per_prompt} must be at least 1")
-    train_prompts = load_prompts(p.train)
-    eval_prompts = [q for q in load_prompts(p.eval)[: p.eval_count] for _ in range(p.eval_images_per_prompt)]
     folder = run_folder.RunFolder(
         Path(config.output_dir),
         start,

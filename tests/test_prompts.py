@@ -79,3 +79,21 @@ def test_missing_bundled_list_says_how_to_rebuild(tmp_path, monkeypatch):
     monkeypatch.setitem(bundled.PROMPT_LISTS, "shapes_heldout", tmp_path / "gone.txt")
     with pytest.raises(UserError, match="zoo build shapes"):
         load_prompts("shapes_heldout")
+
+
+def test_a_missing_prompt_file_is_reported_before_the_model_loads(tmp_path):
+    """The model here does not exist either: the prompt error first means no checkpoint was waited for."""
+    from diffusion_align.builder import build_run
+    from diffusion_align.config import load_config
+
+    config = load_config(
+        {"model": {"device": "cpu"}},
+        [
+            f"model.pretrained={tmp_path / 'no_model'}",
+            "strategy=ddpo",
+            f"prompts.train={tmp_path / 'missing.txt'}",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
+    with pytest.raises(UserError, match="missing.txt"):
+        build_run(config)
