@@ -10,8 +10,9 @@ Builds the recipe's run (one epoch's worth of objects, nothing trained), nudges 
 - the pathwise gradient of the mean reward (backpropagated through the same sampler, every step kept), twice.
 Both estimate the ascent direction of the same SDE policy's expected reward (tests/test_flow_sampler.py checks
 they agree in expectation); their cosines say how noisy each estimate is at this batch size. Needs a
-differentiable reward. Measured on shapes-flow (README): strategy 0.03 / pathwise 0.13 over 8 prompts,
--0.05 / 0.44 for one prompt.
+differentiable reward. Measured on shapes-flow (README) over 8 prompts, the recipe CFG-free: strategy 0.03,
+pathwise 0.50, the sum of the two strategy estimates against the sum of the two pathwise ones 0.34; with
+`sample.guidance_scale=4.5` (where Flow-GRPO did not learn): 0.03 / 0.13 / 0.006.
 """
 
 from __future__ import annotations
