@@ -71,7 +71,8 @@ def load_prompt_records(source: str | Path) -> list[dict]:
         if not path.is_file():
             raise UserError(
                 f"prompt source {name!r} is neither a built-in list ({', '.join(BUILTIN)}) nor a file "
-                f"(looked for {path.resolve()}); give a .txt (one prompt per line) or a .jsonl with a "
+                f"(looked for {path.resolve()}; a config file's relative paths are looked up next to it "
+                "first, then in the current directory); give a .txt (one prompt per line) or a .jsonl with a "
                 '"prompt" key'
             )
         if path.suffix == ".jsonl":
