@@ -245,6 +245,10 @@ def test_at_bfloat16_the_vae_stays_float32_with_its_saved_weights(source, tmp_pa
     latents = torch.randn(1, 16, 2, 4, 4, dtype=torch.bfloat16)
     video = backbone.decode(latents)
     assert video.dtype == torch.float32 and torch.isfinite(video).all()
+    encoded = backbone.encode(video, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed-precision training: the VAE still in float32
+        assert torch.equal(backbone.decode(latents), video)
+        assert torch.equal(backbone.encode(video, torch.Generator().manual_seed(0)), encoded)
 
 
 def test_flow_grpo_ratio_is_exactly_one_on_policy_with_a_frame_lifted_reward():

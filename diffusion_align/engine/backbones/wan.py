@@ -162,6 +162,11 @@ class WanBackbone(SD3Backbone):
         std = torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
         return mean, std
 
+    def _vae_precision(self):
+        """The VAE in its own dtype: autocast (mixed-precision training) would run its convolutions in half
+        precision."""
+        return torch.autocast(self.vae.device.type, enabled=False)
+
     def decode(self, latents: Tensor, frames: Tensor | list[int] | None = None) -> Tensor:
         """Latents (B, C, t, h, w) -> video (B, S, 3, H, W) in [0, 1], differentiable: every frame is
         decoded (Wan's VAE is causal in time), then `frames` picks S of them (None = all, or
@@ -169,7 +174,8 @@ class WanBackbone(SD3Backbone):
         (B, S) per video). Normalised as `WanPipeline`: z = latents / (1 / latents_std) + latents_mean."""
         mean, std = self._wan_stats(latents.to(self.vae.dtype))
         z = latents.to(self.vae.dtype) / (1.0 / std) + mean
-        video = self.vae.decode(z, return_dict=False)[0]  # (B, 3, T, H, W) in [-1, 1]
+        with self._vae_precision():
+            video = self.vae.decode(z, return_dict=False)[0]  # (B, 3, T, H, W) in [-1, 1]
         video = (video.float() / 2 + 0.5).clamp(0, 1).transpose(1, 2)
         b, t = video.shape[:2]
         if frames is None and self.grad_decode_frames and torch.is_grad_enabled() and latents.requires_grad:
@@ -187,7 +193,8 @@ class WanBackbone(SD3Backbone):
         """Videos (B, T, 3, H, W) in [0, 1] -> normalised latents (B, C, t, h, w) from the VAE posterior:
         (z - latents_mean) / latents_std, the inverse of `decode`."""
         pixels = (videos.transpose(1, 2) * 2 - 1).to(self.vae.dtype)
-        z = self.vae.encode(pixels).latent_dist.sample(generator)
+        with self._vae_precision():
+            z = self.vae.encode(pixels).latent_dist.sample(generator)
         mean, std = self._wan_stats(z)
         return (z - mean) / std
 
