@@ -25,6 +25,22 @@ def test_local_save_pretrained_folder_loads_with_dtype(tmp_path):
     )
 
 
+def test_sdxl_fp16_vae_upcast_runs_in_float32_under_autocast():
+    """SDXL's fp16 VAE decodes and encodes a float32 copy (force_upcast); mixed-precision autocast must not
+    run that copy in half precision again: the same output with and without it."""
+    backbone = load_backbone("tiny-sdxl", dtype="float16", device="cpu")
+    assert backbone.vae.config.force_upcast
+    latents = torch.randn(
+        1, backbone.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0)
+    )
+    images = backbone.decode(latents.half())
+    encoded = backbone.encode(images, torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.equal(backbone.decode(latents.half()), images)
+        assert torch.equal(backbone.encode(images, torch.Generator().manual_seed(0)), encoded)
+    assert backbone.vae.dtype == torch.float16  # the copy is put back
+
+
 def test_missing_model_is_one_line_error_that_says_what_to_do(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(UserError) as e:

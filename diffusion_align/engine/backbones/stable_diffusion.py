@@ -7,7 +7,7 @@ one denoising loop (rollout.py) owns sampling and diffusers upgrades cannot sile
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -196,6 +196,11 @@ class StableDiffusionBackbone:
         shape = (1, -1, 1, 1)
         return torch.tensor(mean).view(shape).to(latents), torch.tensor(std).view(shape).to(latents)
 
+    def _vae_precision(self):
+        """Autocast off while a VAE runs in float32 on purpose (Wan's; SDXL's fp16 upcast): under
+        mixed-precision training autocast would run its convolutions in half precision again."""
+        return torch.autocast(self.vae.device.type, enabled=False)
+
     def decode(self, latents: Tensor) -> Tensor:
         """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]; differentiable (clamped as in diffusers)."""
         upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
@@ -203,7 +208,8 @@ class StableDiffusionBackbone:
         mean, std = self._latent_stats(latents)
         z = latents * std / self.vae.config.scaling_factor + mean
         if upcast:  # SDXL's VAE overflows in fp16: decode a float32 copy instead of converting in place
-            image = self.vae.float().decode(z.to(vae_dtype), return_dict=False)[0]
+            with self._vae_precision():
+                image = self.vae.float().decode(z.to(vae_dtype), return_dict=False)[0]
             self.vae.to(torch.float16)
         else:
             image = self.vae.decode(z.to(vae_dtype), return_dict=False)[0]
@@ -215,7 +221,8 @@ class StableDiffusionBackbone:
         if upcast:  # as in decode: SDXL's VAE overflows in fp16, so a float32 copy encodes
             self.vae.float()
         try:
-            dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+            with self._vae_precision() if upcast else nullcontext():
+                dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
             mean, std = self._latent_stats(dist.mean)
             return (dist.sample(generator) - mean) * self.vae.config.scaling_factor / std
         finally:

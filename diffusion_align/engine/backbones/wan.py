@@ -162,11 +162,6 @@ class WanBackbone(SD3Backbone):
         std = torch.tensor(config.latents_std).view(shape).to(latents.device, latents.dtype)
         return mean, std
 
-    def _vae_precision(self):
-        """The VAE in its own dtype: autocast (mixed-precision training) would run its convolutions in half
-        precision."""
-        return torch.autocast(self.vae.device.type, enabled=False)
-
     def decode(self, latents: Tensor, frames: Tensor | list[int] | None = None) -> Tensor:
         """Latents (B, C, t, h, w) -> video (B, S, 3, H, W) in [0, 1], differentiable: every frame is
         decoded (Wan's VAE is causal in time), then `frames` picks S of them (None = all, or
