@@ -23,15 +23,15 @@ does not depend on depth while the transformer call T grows with it, so (T + O) 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_rollout import median_times  # noqa: E402  (a sibling script: benchmarks/ is sys.path[0])
 
 from diffusion_align.engine.backbones import PromptEmbeds  # noqa: E402
 from diffusion_align.engine.backbones.flux import FluxBackbone  # noqa: E402
@@ -103,24 +103,6 @@ def bare_flux(transformer, embeds: PromptEmbeds, x_T, timesteps, sigmas, guidanc
         )[0]  # fmt: skip
         x = x + dt * v
     return FluxPipeline._unpack_latents(x, h * vae_scale, w * vae_scale, vae_scale)
-
-
-def median_times(fns: dict, repeats: int, device: str) -> dict[str, float]:
-    """Median wall seconds of each function, calls alternating after one warm-up each."""
-    times = {name: [] for name in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def setup(kind, latent, batch, tokens, guidance, flux_blocks, device, dtype, eta=0.7):

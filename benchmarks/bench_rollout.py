@@ -67,6 +67,24 @@ def bare_loop(backbone, embeds, x_T, steps: int, guidance: float) -> torch.Tenso
     return x
 
 
+def median_times(fns: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median wall seconds of each function, calls alternating after one warm-up each."""
+    times = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def measure(kind: str, latent: int, batch: int, steps: int, repeats: int) -> dict:
     backbone, embeds, x_T = build(kind, latent, batch)
     sampler = DDIMSampler.from_scheduler(backbone.scheduler, eta=1.0)
@@ -79,15 +97,9 @@ def measure(kind: str, latent: int, batch: int, steps: int, repeats: int) -> dic
     def bare():
         bare_loop(backbone, embeds, x_T, steps, 5.0)
 
-    times = {"rollout": [], "bare": []}
-    with torch.no_grad():
-        ours(), bare()  # warm-up
-        for _ in range(repeats):
-            for name, fn in (("rollout", ours), ("bare", bare)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    r, b = statistics.median(times["rollout"]), statistics.median(times["bare"])
+    device = str(backbone.device)
+    times = median_times({"rollout": ours, "bare": bare}, repeats, device)
+    r, b = times["rollout"], times["bare"]
     return {
         "model": kind,
         "latent": latent,
